@@ -1,0 +1,125 @@
+"""Model hyper-parameters for the Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5).
+
+One frozen dataclass is the contract between the loaders (GGUF, safetensors) and the
+Flax model: every converter produces a `ModelConfig` plus a flat dict of numpy arrays
+whose names and shapes are given by `canonical_param_shapes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling ("rope_type": "llama3" in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder-only transformer.
+
+    `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
+    activations; logits and log-probs are always returned in float32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q/k/v projections
+    architecture: str = "llama"  # "llama" | "qwen2"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    value_head: bool = False  # scalar per-token value head (critic)
+    remat: bool = False  # jax.checkpoint each layer (training memory)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        if self.architecture not in ("llama", "qwen2"):
+            raise ValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+def canonical_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the flat parameter dict every loader produces.
+
+    Per-layer tensors are stacked on a leading `num_layers` axis so the decoder can
+    `lax.scan` over layers. Matrices are stored (in, out): `y = x @ kernel`.
+    """
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    L, D, F = c.num_layers, c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed": (c.vocab_size, D),
+        "layers.attn_norm": (L, D),
+        "layers.q_proj": (L, D, q),
+        "layers.k_proj": (L, D, kv),
+        "layers.v_proj": (L, D, kv),
+        "layers.o_proj": (L, q, D),
+        "layers.mlp_norm": (L, D),
+        "layers.gate_proj": (L, D, F),
+        "layers.up_proj": (L, D, F),
+        "layers.down_proj": (L, F, D),
+        "final_norm": (D,),
+    }
+    if c.attention_bias:
+        shapes["layers.q_bias"] = (L, q)
+        shapes["layers.k_bias"] = (L, kv)
+        shapes["layers.v_bias"] = (L, kv)
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (D, c.vocab_size)
+    if c.value_head:
+        shapes["value_head.kernel"] = (D, 1)
+        shapes["value_head.bias"] = (1,)
+    return shapes

@@ -1,0 +1,43 @@
+"""mpo-jax: Meta Policy Optimization in JAX.
+
+`models/` (the Flax architectures and weight converters) is installed as `mpo_jax.models`
+so that no top-level `models` module is installed.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "transformers>=5.0",
+    "tokenizers>=0.21",
+    "safetensors>=0.5",
+    "gguf>=0.17",
+    "sentencepiece>=0.2",
+    "jinja2>=3.1",
+    "numpy>=1.26",
+    "ml_collections>=1.0",
+    "tensorflow-datasets>=4.9",
+]
+TEST = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "protobuf>=4"]
+# The parity extra compares against transformers' PyTorch models; torch 2.13.0 is the CPU
+# wheel available on the project's machines.
+PARITY = ["torch==2.13.0"]
+TPU = ["jax[tpu]>=0.10"]
+
+setup(
+    name="mpo-jax",
+    version="0.1.0",
+    description="Meta Policy Optimization (evolving-rubric RLAIF) in JAX/Flax, from a laptop CPU to a TPU pod",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpo_jax", "mpo_jax.*"]) + ["mpo_jax.models"],
+    package_dir={"mpo_jax.models": "models"},
+    install_requires=CORE,
+    extras_require={"test": TEST, "parity": TEST + PARITY, "tpu": TPU, "demo": []},
+    entry_points={"console_scripts": ["mpo-jax=mpo_jax.cli:main"]},
+    license="Apache-2.0",
+)
