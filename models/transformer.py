@@ -1,0 +1,220 @@
+"""A Flax NNX decoder-only transformer for the Llama family (Llama 2/3, SmolLM2, Qwen2/2.5).
+
+Per-layer weights are stacked on a leading layer axis and the layers run under one
+`lax.scan`, so compile time does not grow with depth and `jax.checkpoint` per layer is a
+flag. Matrices are stored (in, out). Attention works on padded batches through an explicit
+validity mask: padding may sit anywhere (left-padded prompts, padded continuation chunks),
+and rotary positions count only the real tokens of each row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mpo_jax.models.config import ModelConfig, canonical_param_shapes
+from mpo_jax.models.kv_cache import KVCache
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LAYER_PARAMS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
+                 "gate_proj", "up_proj", "down_proj")
+_BIAS_PARAMS = ("q_bias", "k_bias", "v_bias")
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    """RoPE inverse frequencies, with Llama 3 frequency-dependent scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate [B, T, H, D] by positions [B, T] (HF `rotate_half` convention)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,D], k/v [B,S,Hkv,D], mask [B,T,S] -> [B,T,H,D]."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def tied_logits(hidden: jax.Array, embed: jax.Array, chunks: int = 8) -> jax.Array:
+    """hidden [..., D] @ embed[V, D].T in vocabulary chunks under a scan.
+
+    The chunks are contiguous row blocks of the embedding, so no transposed copy is made;
+    on CPU this runs about twice as fast as one large dot against the transposed table.
+    """
+    vocab, d = embed.shape
+    if vocab % chunks:
+        return jnp.einsum("...d,vd->...v", hidden, embed, preferred_element_type=jnp.float32)
+    flat = hidden.reshape(-1, d)
+    blocks = embed.reshape(chunks, vocab // chunks, d)
+    _, out = jax.lax.scan(
+        lambda carry, block: (carry, jnp.einsum("nd,vd->nv", flat, block, preferred_element_type=jnp.float32)),
+        None, blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(*hidden.shape[:-1], vocab)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder blocks, weights stacked on a leading layer axis."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        shapes = canonical_param_shapes(config)
+        param_dtype = jnp.dtype(config.param_dtype)
+        for name in _LAYER_PARAMS + (_BIAS_PARAMS if config.attention_bias else ()):
+            shape = shapes[f"layers.{name}"]
+            if name.endswith("norm"):
+                value = jnp.ones(shape, param_dtype)
+            elif name.endswith("bias"):
+                value = jnp.zeros(shape, param_dtype)
+            else:
+                value = jax.random.normal(rngs.params(), shape, param_dtype) * (shape[-2] ** -0.5)
+            setattr(self, name, nnx.Param(value))
+
+
+class ValueHead(nnx.Module):
+    """Scalar value per token for a critic that shares the backbone architecture."""
+
+    def __init__(self, hidden_size: int, param_dtype: jnp.dtype, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (hidden_size, 1), param_dtype)
+                                * (hidden_size ** -0.5))
+        self.bias = nnx.Param(jnp.zeros((1,), param_dtype))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `__call__` returns float32 logits and the updated KV cache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        param_dtype = jnp.dtype(config.param_dtype)
+        d, v = config.hidden_size, config.vocab_size
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (v, d), param_dtype) * 0.02)
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((d,), param_dtype))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (d, v), param_dtype) * d ** -0.5)
+        if config.value_head:
+            self.value_head = ValueHead(d, param_dtype, rngs=rngs)
+
+    # -- the three outputs built on one trunk -------------------------------------------------
+    def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        hidden, cache = self.hidden_states(tokens, valid, cache)
+        return self.logits_from_hidden(hidden), cache
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.config.dtype)
+        hidden = hidden.astype(dtype)
+        if not self.config.tie_word_embeddings:
+            return jnp.dot(hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        return tied_logits(hidden, self.embed[...].astype(dtype))
+
+    def values_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        if not self.config.value_head:
+            raise ValueError("this model has no value head; build it with ModelConfig(value_head=True)")
+        kernel = self.value_head.kernel[...].astype(jnp.float32)
+        return (hidden.astype(jnp.float32) @ kernel)[..., 0] + self.value_head.bias[...][0]
+
+    def hidden_states(self, tokens: jax.Array, valid: jax.Array | None = None,
+                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states [B, T, D] for token ids [B, T].
+
+        `valid` [B, T] marks real tokens (default: all). With a cache, the tokens are written
+        at slots [cache.cursor, cache.cursor + T) and attend to every valid earlier slot.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        valid = valid.astype(bool)
+        start = jnp.zeros(tokens.shape[:1], jnp.int32) if cache is None else cache.next_position
+        positions = start[:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+        positions = jnp.maximum(positions, 0)
+
+        if cache is None:
+            t = tokens.shape[1]
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & valid[:, None, :]
+        else:
+            cache = cache.reserve(valid)
+            slots = jnp.arange(cache.capacity)
+            query_slots = cache.cursor + jnp.arange(tokens.shape[1])
+            mask = (slots[None, :] <= query_slots[:, None])[None] & cache.valid[:, None, :]
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        inv_freq = rope_inverse_frequencies(c)
+        layer_params = {name: getattr(self.layers, name)[...]
+                        for name in _LAYER_PARAMS + (_BIAS_PARAMS if c.attention_bias else ())}
+
+        def block(x, layer_index, p, cache_kv):
+            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+            q = jnp.dot(h, p["q_proj"].astype(dtype))
+            k = jnp.dot(h, p["k_proj"].astype(dtype))
+            v = jnp.dot(h, p["v_proj"].astype(dtype))
+            if c.attention_bias:
+                q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
+                           v + p["v_bias"].astype(dtype))
+            b, t = x.shape[:2]
+            q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions, inv_freq)
+            k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions, inv_freq)
+            v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+            if cache_kv is None:
+                keys, values = k, v
+            else:
+                cache_kv = cache_kv.write_layer(layer_index, k, v)
+                keys, values = cache_kv.layer(layer_index)
+            out = attention(q, keys, values, mask).reshape(b, t, c.num_heads * c.head_dim)
+            x = x + jnp.dot(out, p["o_proj"].astype(dtype))
+            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+            gate = jnp.dot(h, p["gate_proj"].astype(dtype))
+            up = jnp.dot(h, p["up_proj"].astype(dtype))
+            x = x + jnp.dot(jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
+            return x, cache_kv
+
+        if c.remat:
+            block = jax.checkpoint(block, prevent_cse=False)
+
+        def scan_body(carry, xs):
+            x, cache_kv = carry
+            layer_index, p = xs
+            x, cache_kv = block(x, layer_index, p, cache_kv)
+            return (x, cache_kv), None
+
+        kv = None if cache is None else cache.layers_view()
+        (x, kv), _ = jax.lax.scan(scan_body, (x, kv), (jnp.arange(c.num_layers), layer_params))
+        if cache is not None:
+            cache = cache.advance(kv, valid)
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), cache
