@@ -53,15 +53,18 @@ def unconstrained(vocab_size: int) -> TokenConstraint:
                            "unconstrained")
 
 
-def digits(token_strings: Sequence[str], end_ids: Sequence[int], max_digits: int = 3) -> TokenConstraint:
+def digits(token_strings: Sequence[str], end_ids: Sequence[int], max_digits: int = 3,
+           vocab_size: int | None = None) -> TokenConstraint:
     """An unsigned integer of 1..max_digits digits, then an end token.
 
     State i = digits written so far. Tokens made only of ASCII digits advance by their length;
-    an end token is allowed once at least one digit was written.
+    an end token is allowed once at least one digit was written. `vocab_size` may exceed the
+    tokenizer's (models often pad their embedding table); the extra ids are never allowed.
     """
     if max_digits < 1:
         raise ValueError("max_digits must be >= 1")
-    vocab = len(token_strings)
+    vocab = max(len(token_strings), vocab_size or 0)
+    token_strings = list(token_strings) + [""] * (vocab - len(token_strings))
     lengths = np.array([len(s) if s and s.isascii() and s.isdigit() else 0 for s in token_strings])
     allowed = np.zeros((max_digits + 1, vocab), bool)
     nxt = np.zeros((max_digits + 1, vocab), np.int32)

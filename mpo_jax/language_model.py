@@ -42,6 +42,7 @@ class Conversation:
     context: list[str]  # the exact text in the cache for each row (template + replies)
     state: GenerationState
     replies: list[str]
+    prefill_tokens: int = 0  # token slots prefilled for the last turn
 
 
 class LanguageModel:
@@ -108,7 +109,8 @@ class LanguageModel:
 
     def digits_constraint(self, max_digits: int = 2) -> constraints_lib.TokenConstraint:
         """Only an integer may be generated (then an end-of-sequence token)."""
-        return constraints_lib.digits(self.sampler.token_strings(), self.tokenizer.eos_ids, max_digits)
+        return constraints_lib.digits(self.sampler.token_strings(), self.tokenizer.eos_ids, max_digits,
+                                      self.config.vocab_size)
 
     def choice_constraint(self, options: Sequence[str]) -> constraints_lib.TokenConstraint:
         """Exactly one of `options` may be generated (then an end-of-sequence token)."""
@@ -148,10 +150,12 @@ class LanguageModel:
         return self._record(out, histories, contexts)
 
     def _record(self, out: SampleOutput, histories: list[list[dict]], contexts: list[str]) -> Conversation:
-        contexts = [ctx + self.tokenizer.decode(out.tokens[i][out.mask[i]].tolist(), skip_special_tokens=False)
+        contexts = [ctx + self.tokenizer.decode(out.tokens[i][out.cached_mask[i]].tolist(),
+                                                skip_special_tokens=False)
                     for i, ctx in enumerate(contexts)]
         histories = [h + [{"role": "assistant", "content": r}] for h, r in zip(histories, out.texts)]
-        return Conversation(messages=histories, context=contexts, state=out.state, replies=out.texts)
+        return Conversation(messages=histories, context=contexts, state=out.state, replies=out.texts,
+                            prefill_tokens=out.prefill_tokens)
 
 
 def _load_weights(path: Path, dtype: np.dtype) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:

@@ -85,6 +85,7 @@ class SampleOutput:
     texts: list[str]  # decoded completions, cut before any stop string
     finished: np.ndarray  # [B] bool: stopped by an end token or stop string, not the budget
     state: GenerationState
+    cached_mask: np.ndarray | None = None  # [B, N] generated tokens now in the KV cache
     prefill_tokens: int = 0  # padded token slots prefilled (for cost accounting)
     decode_steps: int = 0
 
@@ -313,9 +314,11 @@ class Sampler:
         out_tokens, logps, mask, finished, cache, steps = jax.device_get(out[:4]) + out[4:]
         steps = int(steps)
         new_state = GenerationState(cache=cache, cursor=state.cursor + prompt_len + steps, num_rows=rows)
-        texts, mask, stopped = self._cut_at_stop_strings(out_tokens[:rows], mask[:rows], params.stop)
+        cached_mask = mask[:rows]
+        texts, mask, stopped = self._cut_at_stop_strings(out_tokens[:rows], cached_mask, params.stop)
         return SampleOutput(tokens=out_tokens[:rows], logprobs=logps[:rows], mask=mask,
                             texts=texts, finished=finished[:rows] | stopped, state=new_state,
+                            cached_mask=cached_mask,
                             prefill_tokens=batch * prompt_len, decode_steps=steps)
 
     def _stop_tables(self, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference_numpy import forward_row
+from tiny import numpy_config, random_params, tiny_config
 
 from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.models.params import flat_from_state, state_from_flat
-from reference_numpy import forward_row
-from tiny import numpy_config, random_params, tiny_config
 
 
 def build(config, params):

@@ -1,0 +1,80 @@
+"""`mpo-jax` command line. Subcommands: `generate`, `models`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mpo_jax.language_model import load_model
+    from mpo_jax.sampling import SamplingParams
+    from mpo_jax.sharding import make_mesh
+
+    mesh = make_mesh(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
+    start = time.perf_counter()
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+    loaded = time.perf_counter()
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        print("error: give --prompt (repeatable) or prompts on standard input, one per line", file=sys.stderr)
+        return 2
+    inputs = prompts if args.raw else [[{"role": "user", "content": p}] for p in prompts]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, stop=tuple(args.stop or ()), seed=args.seed)
+    out = model.sample(inputs, params)
+    done = time.perf_counter()
+    for text in out.texts:
+        print(text)
+    if args.verbose:
+        generated = int(out.mask.sum())
+        print(f"[load {loaded - start:.1f}s, generate {done - loaded:.1f}s, {generated} tokens]", file=sys.stderr)
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    from mpo_jax.presets import PRESETS
+
+    for preset in PRESETS.values():
+        print(f"{preset.name:32s} {preset.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpo-jax", description="Meta Policy Optimization in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate completions with a model")
+    gen.add_argument("--model", default="smollm2-135m-instruct",
+                     help="preset name, .gguf file or Hugging Face checkpoint directory")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: stdin lines")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--mesh", help="data,fsdp,tensor sizes, e.g. 1,2,4")
+    gen.add_argument("--raw", action="store_true", help="use prompts as raw text, without the chat template")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+    gen.set_defaults(func=_generate)
+
+    models = sub.add_parser("models", help="list the named model presets")
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

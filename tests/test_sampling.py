@@ -1,0 +1,153 @@
+"""The jitted sampler against step-by-step oracles built on full forward passes."""
+
+import numpy as np
+import pytest
+from tiny import random_params, tiny_config, tiny_tokenizer_dir
+
+from mpo_jax import SamplingParams, Tokenizer
+from mpo_jax.compilation import count_compilations
+from mpo_jax.language_model import LanguageModel, place_params
+
+VOCAB = 264
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tokenizer = Tokenizer.from_dir(tiny_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+    config = tiny_config("qwen2", vocab_size=VOCAB, num_layers=2)
+    graphdef, params = place_params(config, random_params(config, seed=7), None)
+    return LanguageModel(config, tokenizer, graphdef, params, prompt_buckets=(16, 32, 64, 128),
+                         generation_buckets=(8, 16, 32), batch_buckets=(1, 2, 4, 8, 64))
+
+
+def full_logits(model, ids):
+    return np.asarray(model.logits(np.asarray([ids], np.int32)))[0, -1].astype(np.float64)
+
+
+def log_softmax(x):
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def greedy_oracle(model, prompt, steps, stop_ids=()):
+    ids, out, logps = list(prompt), [], []
+    for _ in range(steps):
+        logits = full_logits(model, ids)
+        token = int(np.argmax(logits))
+        out.append(token)
+        logps.append(log_softmax(logits)[token])
+        ids.append(token)
+        if token in stop_ids:
+            break
+    return out, logps
+
+
+def test_greedy_matches_argmax_of_full_forward_passes(model):
+    prompts = [[10, 20, 30, 40, 50], [7, 8], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
+    out = model.sampler.generate(prompts, SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    for row, prompt in enumerate(prompts):
+        expected, expected_logps = greedy_oracle(model, prompt, 6, model.tokenizer.eos_ids)
+        n = len(expected)
+        assert out.tokens[row, :n].tolist() == expected
+        np.testing.assert_allclose(out.logprobs[row, :n], expected_logps, atol=1e-4)
+        assert out.mask[row].sum() == n
+
+
+def test_rows_stop_at_their_own_end_token(model):
+    prompt = [11, 12, 13]
+    free, _ = greedy_oracle(model, prompt, 6)
+    stop_at = free[2]
+    out = model.sampler.generate([prompt, [50, 51]], SamplingParams(max_new_tokens=6, stop_token_ids=(stop_at,)))
+    first = free.index(stop_at) + 1
+    assert out.mask[0].sum() == first and out.finished[0]
+    assert out.tokens[0, :first].tolist() == free[:first]
+    assert np.all(out.tokens[0, first:] == model.tokenizer.pad_id)
+
+
+def test_sampling_follows_the_softmax_distribution(model):
+    prompt = [20, 21, 22]
+    probs = np.exp(log_softmax(full_logits(model, prompt) / 0.7))
+    n = 64
+    counts = np.zeros(VOCAB)
+    for seed in range(4):
+        out = model.sampler.generate([prompt] * n, SamplingParams(max_new_tokens=1, temperature=0.7, seed=seed))
+        np.add.at(counts, out.tokens[:, 0], 1)
+        np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[out.tokens[:, 0]]), atol=1e-4)
+    top = np.argsort(-probs)[:5]
+    # the most likely tokens appear about as often as their probability says (4 sigma)
+    for t in top:
+        expected = probs[t] * 4 * n
+        assert abs(counts[t] - expected) <= 4 * np.sqrt(expected * (1 - probs[t])) + 1, (t, counts[t], expected)
+
+
+def test_same_seed_same_samples_and_top_k_top_p_limits(model):
+    prompts = [[30, 31], [40, 41, 42]]
+    knobs = dict(max_new_tokens=5, temperature=1.0, stop_token_ids=())
+    a = model.sampler.generate(prompts, SamplingParams(seed=3, **knobs))
+    b = model.sampler.generate(prompts, SamplingParams(seed=3, **knobs))
+    c = model.sampler.generate(prompts, SamplingParams(seed=4, **knobs))
+    assert np.array_equal(a.tokens, b.tokens) and not np.array_equal(a.tokens, c.tokens)
+    greedy = model.sampler.generate(prompts, SamplingParams(max_new_tokens=5))
+    for extra in (dict(top_k=1), dict(top_p=1e-6)):
+        out = model.sampler.generate(prompts, SamplingParams(seed=5, **knobs, **extra))
+        n = greedy.mask.sum(1)
+        for row in range(2):
+            assert out.tokens[row, :n[row]].tolist() == greedy.tokens[row, :n[row]].tolist()
+    out = model.sampler.generate([prompts[0]] * 16, SamplingParams(max_new_tokens=1, temperature=2.0, top_k=3))
+    allowed = set(np.argsort(-full_logits(model, prompts[0]))[:3].tolist())
+    assert set(out.tokens[:, 0].tolist()) <= allowed
+
+
+def test_digit_and_choice_constraints(model):
+    strings = model.tokenizer.token_strings()
+    out = model.sampler.generate([[5, 6, 7]] * 4, SamplingParams(max_new_tokens=4, temperature=1.5, seed=1),
+                                 model.digits_constraint(max_digits=3))
+    for row in range(4):
+        text = "".join(strings[t] for t in out.tokens[row][out.mask[row]] if t not in model.tokenizer.eos_ids)
+        assert text.isdigit() and 1 <= len(text) <= 3, text
+    options = ["good", "ok", "bad"]
+    out = model.sampler.generate([[5, 6, 7]] * 8, SamplingParams(max_new_tokens=8, temperature=1.5, seed=2),
+                                 model.choice_constraint(options))
+    assert all(t in options for t in out.texts), out.texts
+    assert out.finished.all()
+
+
+def test_stop_strings_cut_the_text(model):
+    free = model.generate(["the quick"], max_new_tokens=12)[0]
+    assert len(free) > 4
+    stop = free[2:4]
+    cut = model.generate(["the quick"], max_new_tokens=12, stop=[stop])[0]
+    assert cut == free[:free.find(stop)]
+
+
+def test_same_bucket_prompts_do_not_recompile(model):
+    params = SamplingParams(max_new_tokens=5, temperature=0.8, seed=1)
+    model.sampler.generate([[1, 2, 3], [4, 5]], params)
+    with count_compilations() as compiled:
+        model.sampler.generate([[9, 8, 7, 6, 5, 4], [3]], SamplingParams(max_new_tokens=7, temperature=0.5, seed=2))
+    assert compiled == []
+    with count_compilations() as compiled:
+        model.sampler.generate([[1] * 40], params)  # a longer prompt bucket compiles
+    assert compiled
+
+
+def test_chat_continuation_reuses_the_cache_and_matches_a_fresh_prefill(model):
+    params = SamplingParams(max_new_tokens=6)
+    chats = [[{"role": "user", "content": "what is the capital"}], [{"role": "user", "content": "yes"}]]
+    first = model.chat(chats, params)
+    second = model.chat_continue(first, [{"role": "user", "content": "good"}, {"role": "user", "content": "no"}],
+                                 params)
+    # Oracle: the whole second-turn conversation rendered and prefilled from scratch.
+    contexts = [model.render(messages[:-1]) for messages in second.messages]
+    fresh = model.sampler.generate([model.tokenizer.encode(c, add_bos=False) for c in contexts], params)
+    assert second.replies == fresh.texts
+    assert second.state.cursor > first.state.cursor
+    # only the new turn was prefilled: one 16-token chunk per row, not the whole conversation
+    assert second.prefill_tokens < fresh.prefill_tokens
+
+
+def test_prompt_longer_than_the_largest_bucket_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="prompt length.*larger than the largest bucket"):
+        model.sampler.generate([[1] * 129], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
