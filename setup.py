@@ -22,9 +22,10 @@ CORE = [
     "tensorflow-datasets>=4.9",
 ]
 TEST = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "protobuf>=4"]
-# The parity extra compares against transformers' PyTorch models; torch 2.13.0 is the CPU
+# The parity extra compares against transformers' PyTorch models (transformers needs accelerate to
+# read GGUF files); torch 2.13.0 is the CPU
 # wheel available on the project's machines.
-PARITY = ["torch==2.13.0"]
+PARITY = ["torch==2.13.0", "accelerate>=1.0"]
 TPU = ["jax[tpu]>=0.10"]
 
 setup(
