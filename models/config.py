@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class ModelConfig:
     remat: bool = False  # jax.checkpoint each layer (training memory)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    lora_rank: int = 0  # > 0 adds low-rank adapters to `lora_targets`
+    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -70,6 +74,12 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
         if self.architecture not in ("llama", "qwen2"):
             raise ValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"ModelConfig.lora_targets has unknown modules {unknown}; choose from {LORA_TARGETS}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
@@ -122,4 +132,17 @@ def canonical_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if c.value_head:
         shapes["value_head.kernel"] = (D, 1)
         shapes["value_head.bias"] = (1,)
+    return shapes
+
+
+def lora_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Adapter shapes: `layers.{target}_lora_a` [L, in, r] and `layers.{target}_lora_b` [L, r, out]."""
+    if not config.lora_rank:
+        return {}
+    base = canonical_param_shapes(config)
+    shapes = {}
+    for target in config.lora_targets:
+        layers, fan_in, fan_out = base[f"layers.{target}"]
+        shapes[f"layers.{target}_lora_a"] = (layers, fan_in, config.lora_rank)
+        shapes[f"layers.{target}_lora_b"] = (layers, config.lora_rank, fan_out)
     return shapes

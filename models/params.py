@@ -8,13 +8,25 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from mpo_jax.models.config import ModelConfig, canonical_param_shapes
+from mpo_jax.models.config import ModelConfig, canonical_param_shapes, lora_param_shapes
 from mpo_jax.models.transformer import Transformer
+
+
+def all_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint weights plus LoRA adapters, when the config has them."""
+    return {**canonical_param_shapes(config), **lora_param_shapes(config)}
+
+
+def init_lora_params(config: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Fresh adapters: A ~ N(0, 1/fan_in), B = 0, so the adapted model starts equal to the base."""
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape) / np.sqrt(shape[-2])).astype(dtype) if name.endswith("_lora_a")
+            else np.zeros(shape, dtype) for name, shape in lora_param_shapes(config).items()}
 
 
 def check_param_shapes(config: ModelConfig, flat: Mapping[str, Any], source: str = "weights") -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped tensor."""
-    expected = canonical_param_shapes(config)
+    expected = all_param_shapes(config)
     problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in flat]
     problems += [f"unexpected {name}" for name in flat if name not in expected]
     problems += [f"{name}: config says {expected[name]}, {source} have {tuple(np.shape(flat[name]))}"

@@ -31,6 +31,11 @@ CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", None, "kv_heads", None)
 
 
 def logical_axes(name: str) -> tuple[str | None, ...]:
+    """Axes of a parameter; a LoRA factor shares the split of its base matrix's outer dimension."""
+    for suffix, keep in (("_lora_a", 1), ("_lora_b", 2)):
+        if name.endswith(suffix):
+            base = logical_axes(name[: -len(suffix)])
+            return ("layers", base[1], None) if keep == 1 else ("layers", None, base[2])
     try:
         return LOGICAL_AXES[name]
     except KeyError:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mpo_jax.models.config import ModelConfig, canonical_param_shapes
+from mpo_jax.models.config import ModelConfig, canonical_param_shapes, lora_param_shapes
 from mpo_jax.models.kv_cache import KVCache
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -88,12 +88,21 @@ def tied_logits(hidden: jax.Array, embed: jax.Array, chunks: int = 8) -> jax.Arr
     return jnp.moveaxis(out, 0, 1).reshape(*hidden.shape[:-1], vocab)
 
 
+class LoRAParam(nnx.Param):
+    """A low-rank adapter weight: the only trainable parameters in LoRA fine-tuning."""
+
+
 class DecoderLayers(nnx.Module):
     """All decoder blocks, weights stacked on a leading layer axis."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         shapes = canonical_param_shapes(config)
         param_dtype = jnp.dtype(config.param_dtype)
+        for name, shape in lora_param_shapes(config).items():
+            # A is random and B is zero, so a fresh adapter leaves the model unchanged.
+            value = (jax.random.normal(rngs.params(), shape, param_dtype) * shape[-2] ** -0.5
+                     if name.endswith("_lora_a") else jnp.zeros(shape, param_dtype))
+            setattr(self, name.split(".", 1)[1], LoRAParam(value))
         for name in _LAYER_PARAMS + (_BIAS_PARAMS if config.attention_bias else ()):
             shape = shapes[f"layers.{name}"]
             if name.endswith("norm"):
@@ -131,8 +140,8 @@ class Transformer(nnx.Module):
 
     # -- the three outputs built on one trunk -------------------------------------------------
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        hidden, cache = self.hidden_states(tokens, valid, cache)
+                 cache: KVCache | None = None, *, adapters: bool = True) -> tuple[jax.Array, KVCache | None]:
+        hidden, cache = self.hidden_states(tokens, valid, cache, adapters=adapters)
         return self.logits_from_hidden(hidden), cache
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
@@ -149,11 +158,12 @@ class Transformer(nnx.Module):
         return (hidden.astype(jnp.float32) @ kernel)[..., 0] + self.value_head.bias[...][0]
 
     def hidden_states(self, tokens: jax.Array, valid: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, *, adapters: bool = True) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [B, T, D] for token ids [B, T].
 
         `valid` [B, T] marks real tokens (default: all). With a cache, the tokens are written
         at slots [cache.cursor, cache.cursor + T) and attend to every valid earlier slot.
+        `adapters=False` runs the base model of a LoRA model (the PPO reference policy).
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
@@ -176,14 +186,24 @@ class Transformer(nnx.Module):
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         inv_freq = rope_inverse_frequencies(c)
-        layer_params = {name: getattr(self.layers, name)[...]
-                        for name in _LAYER_PARAMS + (_BIAS_PARAMS if c.attention_bias else ())}
+        names = _LAYER_PARAMS + (_BIAS_PARAMS if c.attention_bias else ())
+        lora_targets = c.lora_targets if (adapters and c.lora_rank) else ()
+        names += tuple(f"{t}_lora_{ab}" for t in lora_targets for ab in "ab")
+        layer_params = {name: getattr(self.layers, name)[...] for name in names}
+        lora_scale = c.lora_alpha / max(c.lora_rank, 1)
+
+        def linear(h, p, name):
+            y = jnp.dot(h, p[name].astype(dtype))
+            if name in lora_targets:
+                low_rank = jnp.dot(jnp.dot(h, p[f"{name}_lora_a"].astype(dtype)), p[f"{name}_lora_b"].astype(dtype))
+                y = y + lora_scale * low_rank
+            return y
 
         def block(x, layer_index, p, cache_kv):
             h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-            q = jnp.dot(h, p["q_proj"].astype(dtype))
-            k = jnp.dot(h, p["k_proj"].astype(dtype))
-            v = jnp.dot(h, p["v_proj"].astype(dtype))
+            q = linear(h, p, "q_proj")
+            k = linear(h, p, "k_proj")
+            v = linear(h, p, "v_proj")
             if c.attention_bias:
                 q, k, v = (q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype),
                            v + p["v_bias"].astype(dtype))
@@ -197,11 +217,9 @@ class Transformer(nnx.Module):
                 cache_kv = cache_kv.write_layer(layer_index, k, v)
                 keys, values = cache_kv.layer(layer_index)
             out = attention(q, keys, values, mask).reshape(b, t, c.num_heads * c.head_dim)
-            x = x + jnp.dot(out, p["o_proj"].astype(dtype))
+            x = x + linear(out, p, "o_proj")
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            gate = jnp.dot(h, p["gate_proj"].astype(dtype))
-            up = jnp.dot(h, p["up_proj"].astype(dtype))
-            x = x + jnp.dot(jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
+            x = x + linear(jax.nn.silu(linear(h, p, "gate_proj")) * linear(h, p, "up_proj"), p, "down_proj")
             return x, cache_kv
 
         if c.remat:

@@ -24,8 +24,8 @@ from jax.sharding import Mesh
 from mpo_jax import constraints as constraints_lib
 from mpo_jax import presets
 from mpo_jax import sharding as sharding_lib
-from mpo_jax.models.config import ModelConfig, canonical_param_shapes
-from mpo_jax.models.params import check_param_shapes, state_from_flat
+from mpo_jax.models.config import ModelConfig
+from mpo_jax.models.params import all_param_shapes, check_param_shapes, init_lora_params, state_from_flat
 from mpo_jax.models.transformer import Transformer
 from mpo_jax.sampling import GenerationState, SampleOutput, Sampler, SamplingParams
 from mpo_jax.tokenizer import Tokenizer
@@ -180,25 +180,29 @@ def place_params(config: ModelConfig, flat: dict[str, np.ndarray], mesh: Mesh | 
     if mesh is None:
         placed = {name: jnp.asarray(value) for name, value in flat.items()}
     else:
-        shardings = sharding_lib.param_shardings(canonical_param_shapes(config), mesh)
+        shardings = sharding_lib.param_shardings(all_param_shapes(config), mesh)
         placed = {name: sharding_lib.place(value, shardings[name]) for name, value in flat.items()}
     return state_from_flat(config, placed)
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
-               value_head: bool = False, remat: bool = False, **sampler_kwargs: Any) -> LanguageModel:
+               value_head: bool = False, remat: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0,
+               lora_targets: Sequence[str] | None = None, **sampler_kwargs: Any) -> LanguageModel:
     """Load a preset name, a .gguf file or a HF checkpoint directory as a `LanguageModel`.
 
     `dtype` ("float32" or "bfloat16") sets both the parameter and the compute dtype. With
     `mesh` (axes from `data`, `fsdp`, `tensor`, e.g. `jax.make_mesh((1, 2, 4), ("data",
     "fsdp", "tensor"))`), parameters are sharded by the partition rules. `value_head` adds a
-    freshly initialised scalar head (a critic built from the same backbone).
+    freshly initialised scalar head (a critic built from the same backbone). `lora_rank` > 0
+    adds fresh low-rank adapters (B = 0, so the model's outputs are unchanged at first).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = presets.resolve(name_or_path)
     config, flat, tokenizer = _load_weights(path, _DTYPES[dtype])
-    config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat)
+    config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                            lora_targets=tuple(lora_targets or config.lora_targets))
+    flat.update(init_lora_params(config, dtype=_DTYPES[dtype]))
     if value_head and not config.value_head:
         config = config.replace(value_head=True)
         rng = np.random.default_rng(0)
