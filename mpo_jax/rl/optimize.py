@@ -53,7 +53,7 @@ def optimize(params: Any, opt_state: optax.OptState, tx: optax.GradientTransform
         new_params = optax.apply_updates(params, updates)
         params = _select(finite, new_params, params)
         opt_state = _select(finite, new_opt_state, opt_state)
-        metrics = dict(metrics, grad_norm=jnp.broadcast_to(optax.global_norm(grads), (accumulation,)),
+        metrics = dict(metrics, grad_norm=jnp.broadcast_to(optax.tree.norm(grads), (accumulation,)),
                        skipped=jnp.broadcast_to(~finite, (accumulation,)).astype(jnp.float32))
         return (params, opt_state), metrics
 

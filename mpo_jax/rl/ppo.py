@@ -38,10 +38,12 @@ def make_rollout_stats(temperature: float):
             ref_logprobs = response_logprobs(policy, rows, temperature, adapters=False)
         else:
             ref_logprobs = response_logprobs(state.policy.merge(state.ref_params), rows, temperature)
-        if state.critic is None:
-            values = policy.values_from_hidden(hidden)
-        else:
+        if state.critic is not None:
             values = response_values(state.critic.merge(state.params["critic"]), rows)
+        elif policy.config.value_head:
+            values = policy.values_from_hidden(hidden)
+        else:  # GRPO: no critic
+            values = jnp.zeros(response.shape, jnp.float32)
         return dict(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values)
 
     return rollout_stats

@@ -76,14 +76,16 @@ def split_role(graphdef: nnx.GraphDef, params: nnx.State, *, lora: bool) -> tupl
     return Role(graphdef=graph, frozen=frozen), trainable
 
 
-def create_train_state(policy: Any, critic: Any | None, config: OptimizerConfig) -> TrainState:
+def create_train_state(policy: Any, critic: Any | None, config: OptimizerConfig, *,
+                       needs_values: bool = True) -> TrainState:
     """Build the state from `LanguageModel`s (policy; critic with a value head, or None).
 
-    LoRA is used when the policy's config has `lora_rank > 0`. With `critic=None` the policy
-    itself must have a value head (the critic shares the policy trunk).
+    LoRA is used when the policy's config has `lora_rank > 0`. With `critic=None` and
+    `needs_values` (PPO) the policy itself must have a value head (a critic sharing the policy
+    trunk); GRPO passes `needs_values=False`.
     """
     lora = policy.config.lora_rank > 0
-    if critic is None and not policy.config.value_head:
+    if critic is None and needs_values and not policy.config.value_head:
         raise ValueError("without a separate critic the policy needs a value head: "
                          "load it with value_head=True, or pass a critic model")
     if critic is not None and not critic.config.value_head:
