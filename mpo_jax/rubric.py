@@ -1,0 +1,475 @@
+"""The rubric value: parse, validate, render, diff and keep the history of versions.
+
+A rubric is an ordered tuple of free-text items. The judge scores each item in turn and sums
+the scores, and the meta-reward model (MRM) rewrites the whole rubric every few PPO updates.
+The MRM's output is untrusted text, so everything here treats it as data:
+
+- `Rubric.parse` only ever raises `RubricError`, whatever the input; it never evaluates or
+  renders the text as a template, so `{{ }}`, `{% %}` or `{name}` stay literal text.
+- Tags are `<rubric>`, `</rubric>`, `<item>`, `</item>`; matching is case-insensitive and
+  allows whitespace inside the angle brackets (`< /Item >`). If the text has rubric tags,
+  exactly one `<rubric>…</rubric>` block must be present and only its content is read; if it
+  has none, the whole text is read (the MRM sometimes omits the wrapper). Text between items
+  (preambles, chatter) is dropped and never reaches the judge.
+- Nested, unclosed or stray item tags, empty items, and rubrics over the size limits are
+  rejected rather than repaired: a rejected rubric leaves the previous one in force
+  (`RubricHistory`), which is safer than guessing what a malformed rubric meant.
+- A `Rubric` value can never hold an item containing a tag, leading/trailing whitespace or a
+  duplicate, so `Rubric.parse(r.render()).items == r.items` for every constructible `r`.
+
+Size limits (`RubricLimits`) are policy and are checked by `validate`; the token budget of
+the judge's context depends on its tokenizer and is the judge's check, not this module's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_LIMITS", "HISTORY_FILE", "HistoryEvent", "Rubric", "RubricError", "RubricHistory", "RubricLimits",
+    "diff", "rubric_file_name", "validate",
+]
+
+HISTORY_FILE = "rubric_history.json"
+HISTORY_FORMAT = "mpo-jax.rubric_history/1"
+
+# One tag: `<item>`, `</item>`, `<rubric>`, `</rubric>`, any case, optional inner whitespace.
+# Written without adjacent optional whitespace runs, so a long run of spaces cannot make it
+# backtrack quadratically.
+_TAG_RE = re.compile(r"<\s*(?:(/)\s*)?(item|rubric)\s*>", re.IGNORECASE)
+_EXCERPT_CHARS = 60
+
+
+class RubricError(ValueError):
+    """A rubric (or the text it was parsed from) is malformed or over the limits."""
+
+
+@dataclass(frozen=True)
+class RubricLimits:
+    """Size limits that keep a rubric within the judge's context and the MRM's sanity."""
+
+    max_items: int = 20
+    max_item_chars: int = 4000
+    max_total_chars: int = 40000  # sum of the item lengths
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_item_chars", "max_total_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RubricLimits.{name} must be a positive int, got {value!r}")
+
+
+DEFAULT_LIMITS = RubricLimits()
+
+
+def _excerpt(text: str) -> str:
+    """A short repr of `text` for error messages (untrusted text is shown quoted, never run)."""
+    return repr(text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "…")
+
+
+def _check_item(index: int, item: Any) -> None:
+    """The structural invariants every item of a `Rubric` value satisfies (1-based `index`)."""
+    if not isinstance(item, str):
+        raise RubricError(f"rubric item #{index} must be a str, got {type(item).__name__}")
+    if not item.strip():
+        raise RubricError(f"rubric item #{index} is empty")
+    if item != item.strip():
+        raise RubricError(f"rubric item #{index} has leading or trailing whitespace; strip it first")
+    tag = _TAG_RE.search(item)
+    if tag:
+        raise RubricError(f"rubric item #{index} contains the tag {tag.group(0)!r}, which cannot be rendered "
+                          f"unambiguously; remove it from the item text")
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RubricError(f"rubric item #{index} is not valid Unicode text ({err.reason} at {err.start})") from None
+
+
+def _check_optional_index(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise RubricError(f"Rubric.{name} must be None or an int >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """An ordered tuple of rubric items plus where this version came from.
+
+    `iteration` is the version number (0 = initial), `parent` the iteration it was refined
+    from, `created_step` the PPO update that produced it, `task` the task name.
+    Construction checks the structural invariants (non-empty, stripped, unique, tag-free
+    items); size limits are checked by `validate`.
+    """
+
+    items: tuple[str, ...]
+    iteration: int = 0
+    parent: int | None = None
+    created_step: int | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        items = self.items
+        if isinstance(items, str) or not isinstance(items, Iterable):
+            raise RubricError(f"Rubric.items must be a sequence of str, got {type(items).__name__}")
+        items = tuple(items)
+        object.__setattr__(self, "items", items)
+        if not items:
+            raise RubricError("a rubric needs at least one item")
+        seen: set[str] = set()
+        for index, item in enumerate(items, start=1):
+            _check_item(index, item)
+            if item in seen:
+                raise RubricError(f"rubric item #{index} duplicates an earlier item: {_excerpt(item)}")
+            seen.add(item)
+        if not isinstance(self.iteration, int) or isinstance(self.iteration, bool) or self.iteration < 0:
+            raise RubricError(f"Rubric.iteration must be an int >= 0, got {self.iteration!r}")
+        _check_optional_index("parent", self.parent)
+        _check_optional_index("created_step", self.created_step)
+        if self.task is not None and not isinstance(self.task, str):
+            raise RubricError(f"Rubric.task must be None or a str, got {type(self.task).__name__}")
+
+    # -- parsing and rendering ---------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, text: str, *, limits: RubricLimits = DEFAULT_LIMITS, iteration: int = 0,
+              parent: int | None = None, created_step: int | None = None, task: str | None = None) -> Rubric:
+        """Read a rubric from (untrusted) text; raises only `RubricError`.
+
+        Items are stripped, exact duplicates are removed keeping the first occurrence (order
+        matters: the judge scores items sequentially in one conversation), then the result is
+        validated against `limits`.
+        """
+        if not isinstance(text, str):
+            raise RubricError(f"rubric text must be a str, got {type(text).__name__}")
+        raw_items = _extract_items(text)
+        items: list[str] = []
+        seen: set[str] = set()
+        for index, raw in enumerate(raw_items, start=1):
+            item = raw.strip()
+            if not item:
+                raise RubricError(f"item #{index} of the rubric text is empty")
+            if item not in seen:
+                seen.add(item)
+                items.append(item)
+        rubric = cls(tuple(items), iteration=iteration, parent=parent, created_step=created_step, task=task)
+        validate(rubric, limits)
+        return rubric
+
+    def render(self) -> str:
+        """The canonical text form, the one written to `rubric_iter_{t}.txt` and read by `parse`."""
+        body = "\n\n".join(f"<item>\n{item}\n</item>" for item in self.items)
+        return f"<rubric>\n{body}\n</rubric>"
+
+    def validated(self, limits: RubricLimits = DEFAULT_LIMITS) -> Rubric:
+        """`self` after checking `limits` (for chaining); raises `RubricError`."""
+        validate(self, limits)
+        return self
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def item_chars(self) -> tuple[int, ...]:
+        return tuple(len(item) for item in self.items)
+
+    @property
+    def total_chars(self) -> int:
+        return sum(self.item_chars)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _rubric_scope(text: str) -> tuple[int, int]:
+    """The [start, end) span inside the single `<rubric>` block, or the whole text if untagged."""
+    tags = [m for m in _TAG_RE.finditer(text) if m.group(2).lower() == "rubric"]
+    if not tags:
+        return 0, len(text)
+    kinds = ["</rubric>" if m.group(1) else "<rubric>" for m in tags]
+    if kinds != ["<rubric>", "</rubric>"]:
+        opens, closes = kinds.count("<rubric>"), kinds.count("</rubric>")
+        raise RubricError(f"expected exactly one <rubric>…</rubric> block, found {opens} opening and "
+                          f"{closes} closing rubric tags in that order: {', '.join(kinds[:6])}"
+                          + (", …" if len(kinds) > 6 else ""))
+    return tags[0].end(), tags[1].start()
+
+
+def _extract_items(text: str) -> list[str]:
+    """The raw content of each `<item>…</item>` in the rubric scope; rejects bad nesting."""
+    start, end = _rubric_scope(text)
+    items: list[str] = []
+    open_at: int | None = None
+    for match in _TAG_RE.finditer(text, start, end):
+        if match.group(2).lower() != "item":
+            continue  # rubric tags can only be the scope's own here
+        if match.group(1):  # closing tag
+            if open_at is None:
+                raise RubricError(f"{match.group(0)!r} at offset {match.start()} has no matching <item>")
+            items.append(text[open_at:match.start()])
+            open_at = None
+        else:
+            if open_at is not None:
+                raise RubricError(f"nested {match.group(0)!r} at offset {match.start()}: item #{len(items) + 1} "
+                                  f"is still open")
+            open_at = match.end()
+    if open_at is not None:
+        raise RubricError(f"item #{len(items) + 1} (opened before offset {open_at}) is never closed with </item>")
+    if not items:
+        raise RubricError(f"no <item>…</item> blocks found in the rubric text ({len(text)} chars): {_excerpt(text)}")
+    return items
+
+
+def validate(rubric: Rubric, limits: RubricLimits = DEFAULT_LIMITS) -> None:
+    """Check `rubric` against the size `limits`; raises `RubricError` naming the first violation."""
+    if not isinstance(rubric, Rubric):
+        raise RubricError(f"expected a Rubric, got {type(rubric).__name__}")
+    if rubric.num_items > limits.max_items:
+        raise RubricError(f"rubric has {rubric.num_items} items; the limit is {limits.max_items}")
+    for index, item in enumerate(rubric.items, start=1):
+        if len(item) > limits.max_item_chars:
+            raise RubricError(f"rubric item #{index} has {len(item)} chars; the limit is {limits.max_item_chars}: "
+                              f"{_excerpt(item)}")
+    if rubric.total_chars > limits.max_total_chars:
+        raise RubricError(f"rubric items total {rubric.total_chars} chars; the limit is {limits.max_total_chars}")
+
+
+def _describe(rubric: Rubric) -> str:
+    parts = [f"iteration {rubric.iteration}"]
+    if rubric.parent is not None:
+        parts.append(f"parent {rubric.parent}")
+    if rubric.created_step is not None:
+        parts.append(f"step {rubric.created_step}")
+    return f"rubric_iter_{rubric.iteration} ({', '.join(parts)}; {rubric.num_items} items)"
+
+
+def diff(old: Rubric, new: Rubric, *, context: int = 3) -> str:
+    """A unified diff of the rendered rubrics, with a header naming both iterations."""
+    lines = list(difflib.unified_diff(old.render().splitlines(), new.render().splitlines(),
+                                      fromfile=_describe(old), tofile=_describe(new), n=context, lineterm=""))
+    if not lines:
+        return f"--- {_describe(old)}\n+++ {_describe(new)}\n(no changes)"
+    return "\n".join(lines)
+
+
+# -- history ------------------------------------------------------------------------------------
+
+
+def rubric_file_name(iteration: int) -> str:
+    return f"rubric_iter_{iteration}.txt"
+
+
+def _rejected_file_name(attempt: int) -> str:
+    return f"rubric_rejected_{attempt}.txt"
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One attempt to set the rubric: an accepted version or a rejected proposal.
+
+    `attempt` numbers all events from 0. For an accepted event `iteration` is the new version
+    and `parent` the version it replaced; a rejected event has `iteration=None`, `parent` set to
+    the version that stayed current, and `error` saying why. `raw` is a rejected proposal's
+    text (saved next to the history so that failures can be read later).
+    """
+
+    attempt: int
+    accepted: bool
+    reason: str
+    iteration: int | None
+    parent: int | None
+    created_step: int | None = None
+    task: str | None = None
+    error: str | None = None
+    num_items: int | None = None
+    item_chars: tuple[int, ...] = ()
+    total_chars: int | None = None
+    file: str | None = None
+    raw: str | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        del data["raw"]
+        data["item_chars"] = list(self.item_chars)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HistoryEvent:
+        names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
+        kwargs = {key: value for key, value in data.items() if key in names}
+        kwargs["item_chars"] = tuple(kwargs.get("item_chars") or ())
+        return cls(**kwargs)
+
+
+class RubricHistory:
+    """Every rubric version in order, plus a log of every attempt, accepted or rejected.
+
+    `append` validates before accepting; a proposal that fails is logged as rejected and the
+    current rubric stays in force. Saving writes `rubric_iter_{t}.txt` per version,
+    `rubric_rejected_{attempt}.txt` per rejected proposal with text, and `rubric_history.json`
+    last, each atomically (temp file + rename), so a crash never leaves a half-written file or
+    a log that names a missing version.
+    """
+
+    def __init__(self, initial: Rubric | None = None, *, reason: str = "initial rubric",
+                 limits: RubricLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._versions: list[Rubric] = []
+        self._events: list[HistoryEvent] = []
+        if initial is not None:
+            self.append(initial, reason=reason)
+
+    @property
+    def versions(self) -> tuple[Rubric, ...]:
+        return tuple(self._versions)
+
+    @property
+    def events(self) -> tuple[HistoryEvent, ...]:
+        return tuple(self._events)
+
+    @property
+    def current(self) -> Rubric:
+        if not self._versions:
+            raise LookupError("the rubric history is empty; append an initial rubric first")
+        return self._versions[-1]
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def append(self, rubric: Rubric, *, reason: str, created_step: int | None = None) -> Rubric:
+        """Validate and add `rubric` as the next version; returns it re-stamped.
+
+        The new version's `iteration` is the current one + 1 (the first version keeps its own)
+        and its `parent` the current iteration. If validation fails, the attempt is logged as
+        rejected and the `RubricError` is re-raised; the current rubric does not change.
+        """
+        step = rubric.created_step if created_step is None else created_step
+        try:
+            validate(rubric, self.limits)
+        except RubricError as err:
+            self.reject(rubric.render(), reason=reason, error=str(err), created_step=step)
+            raise
+        if self._versions:
+            previous = self.current
+            stamped = dataclasses.replace(rubric, iteration=previous.iteration + 1, parent=previous.iteration,
+                                          created_step=step, task=rubric.task or previous.task)
+        else:
+            stamped = dataclasses.replace(rubric, created_step=step)
+        self._versions.append(stamped)
+        self._events.append(HistoryEvent(
+            attempt=len(self._events), accepted=True, reason=reason, iteration=stamped.iteration,
+            parent=stamped.parent, created_step=step, task=stamped.task, num_items=stamped.num_items,
+            item_chars=stamped.item_chars, total_chars=stamped.total_chars,
+            file=rubric_file_name(stamped.iteration)))
+        return stamped
+
+    def propose(self, text: str, *, reason: str, created_step: int | None = None) -> Rubric | None:
+        """Parse untrusted MRM output and append it; on failure log the rejection and return None."""
+        try:
+            rubric = Rubric.parse(text, limits=self.limits,
+                                  task=self._versions[-1].task if self._versions else None)
+        except RubricError as err:
+            self.reject(text if isinstance(text, str) else repr(text), reason=reason, error=str(err),
+                        created_step=created_step)
+            return None
+        return self.append(rubric, reason=reason, created_step=created_step)
+
+    def reject(self, raw: str | None, *, reason: str, error: str, created_step: int | None = None) -> HistoryEvent:
+        """Log a failed attempt (bad MRM output, MRM call error) without changing the current rubric."""
+        attempt = len(self._events)
+        current = self._versions[-1] if self._versions else None
+        event = HistoryEvent(
+            attempt=attempt, accepted=False, reason=reason, iteration=None,
+            parent=current.iteration if current else None, created_step=created_step,
+            task=current.task if current else None, error=error,
+            file=_rejected_file_name(attempt) if raw is not None else None, raw=raw)
+        self._events.append(event)
+        return event
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write every version, every rejected proposal and the JSON log; returns the JSON path."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for rubric in self._versions:
+            _atomic_write_text(out / rubric_file_name(rubric.iteration), rubric.render() + "\n")
+        for event in self._events:
+            if event.file and event.raw is not None and not event.accepted:
+                _atomic_write_text(out / event.file, event.raw)
+        payload = {
+            "format": HISTORY_FORMAT,
+            "limits": dataclasses.asdict(self.limits),
+            "current": self._versions[-1].iteration if self._versions else None,
+            "events": [event.to_json() for event in self._events],
+        }
+        path = out / HISTORY_FILE
+        _atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, limits: RubricLimits | None = None) -> RubricHistory:
+        """Read a history written by `save`; the rubric files are re-parsed and re-validated."""
+        src = Path(directory)
+        path = src / HISTORY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no rubric history at {path} (expected {HISTORY_FILE} written by "
+                                    f"RubricHistory.save)")
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            if payload.get("format") != HISTORY_FORMAT:
+                raise RubricError(f"{path}: unknown format {payload.get('format')!r}, expected {HISTORY_FORMAT!r}")
+            saved_limits = RubricLimits(**payload["limits"]) if payload.get("limits") else DEFAULT_LIMITS
+            events = [HistoryEvent.from_json(item) for item in payload["events"]]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+            if isinstance(err, RubricError):
+                raise
+            raise RubricError(f"{path} is not a valid rubric history: {err}") from err
+        history = cls(limits=limits or saved_limits)
+        for event in events:
+            if event.accepted:
+                history._versions.append(_load_version(src, event, history.limits))
+            elif event.file and (src / event.file).is_file():
+                event = dataclasses.replace(event, raw=(src / event.file).read_text(encoding="utf-8"))
+            history._events.append(event)
+        return history
+
+
+def _load_version(src: Path, event: HistoryEvent, limits: RubricLimits) -> Rubric:
+    if event.iteration is None:
+        raise RubricError(f"accepted history event #{event.attempt} has no iteration")
+    file = src / (event.file or rubric_file_name(event.iteration))
+    if not file.is_file():
+        raise FileNotFoundError(f"rubric history names {file.name}, which is missing from {src}")
+    try:
+        return Rubric.parse(file.read_text(encoding="utf-8"), limits=limits, iteration=event.iteration,
+                            parent=event.parent, created_step=event.created_step, task=event.task)
+    except RubricError as err:
+        raise RubricError(f"{file}: {err}") from err
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temp file in the same folder, fsync it, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
