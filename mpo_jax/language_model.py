@@ -150,10 +150,12 @@ class LanguageModel:
         return self._record(out, histories, contexts)
 
     def _record(self, out: SampleOutput, histories: list[list[dict]], contexts: list[str]) -> Conversation:
-        contexts = [ctx + self.tokenizer.decode(out.tokens[i][out.cached_mask[i]].tolist(),
-                                                skip_special_tokens=False)
-                    for i, ctx in enumerate(contexts)]
-        histories = [h + [{"role": "assistant", "content": r}] for h, r in zip(histories, out.texts)]
+        cached = [out.tokens[i][out.cached_mask[i]].tolist() for i in range(len(contexts))]
+        contexts = [ctx + self.tokenizer.decode(ids, skip_special_tokens=False) for ctx, ids in zip(contexts, cached)]
+        # The history keeps the reply as it sits in the cache (a stop string included), so the
+        # next turn's rendering extends the cached text exactly.
+        histories = [h + [{"role": "assistant", "content": self.tokenizer.decode(ids)}]
+                     for h, ids in zip(histories, cached)]
         return Conversation(messages=histories, context=contexts, state=out.state, replies=out.texts,
                             prefill_tokens=out.prefill_tokens)
 

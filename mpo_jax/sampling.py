@@ -30,6 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STOP_SEQUENCE_BUCKETS = (1, 4, 16)
 STOP_LENGTH_BUCKETS = (1, 4, 8, 16, 32)
 STOP_ID_BUCKETS = (4, 16, 64, 256, 1024, 4096)
+CACHE_GROWTH = 256  # a continued conversation's KV cache grows by multiples of this many slots
 _NEG = -1e30
 
 
@@ -292,8 +293,11 @@ class Sampler:
         needed = state.cursor + chunk_len + gen_len
         cache = state.cache
         if needed > cache.capacity:
-            capacity = bucket(needed, tuple(b for b in self.prompt_buckets + (2 * self.prompt_buckets[-1],)),
-                              "conversation length (tokens)")
+            # Grow in fixed steps so that conversations of similar length share compiled shapes.
+            capacity = -(-needed // CACHE_GROWTH) * CACHE_GROWTH
+            if capacity > self.config.max_position_embeddings:
+                raise ValueError(f"the conversation needs {needed} positions but the model has "
+                                 f"{self.config.max_position_embeddings}; start a new conversation")
             cache = cache.grow(capacity)
             if self.mesh is not None:
                 cache = jax.device_put(cache, self._shardings(cache.k.shape))

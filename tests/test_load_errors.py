@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import load_model
 from mpo_jax.models.hf_checkpoint import export_hf_checkpoint
-from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 
 def test_unknown_preset_lists_presets_and_the_path_looked_for():

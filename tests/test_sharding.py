@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import SamplingParams, Tokenizer
 from mpo_jax.language_model import LanguageModel, place_params
 from mpo_jax.sharding import batch_parallelism, make_mesh
-from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,280 @@
+"""The reward LM: scores (task prompt, response) pairs against the current rubric.
+
+Two modes share one conversation layout, the rubric living in the system turn:
+
+    [system: persona + rubric]           prefilled once per rubric version (padded token array)
+    [user: task material + response]     prefilled once per sample
+    [user: rubric item i, score request] per item
+
+- `logits` (default): per item, the expected score under the next-token distribution at the
+  point where the score would be written (`mpo_jax.judge_engine`). No decoding.
+- `generate`: the published protocol: per item a one-sentence rationale ending at `<EOE>`, then
+  an integer constrained to digits; the conversation carries over from item to item.
+
+Swapping the rubric changes array contents only: nothing recompiles. A rubric longer than
+`max_rubric_tokens` is refused at `set_rubric`, never truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpo_jax import judge_engine
+from mpo_jax.language_model import Conversation, LanguageModel
+from mpo_jax.models.kv_cache import KVCache
+from mpo_jax.rubric import Rubric
+from mpo_jax.sampling import GenerationState, SamplingParams, bucket
+from mpo_jax.tasks import Task, get_task
+
+MODES = ("logits", "generate")
+AGGREGATES = ("sum", "mean_normalized")
+ITEM_BUCKETS = (1, 2, 4, 8, 16, 32)
+CANDIDATE_BUCKETS = (8, 16, 32, 64, 100)
+PREFIX_BUCKETS = (1, 2, 4, 10)
+_RANGE = re.compile(r"(?<![\d.])(\d{1,2})\s*(?:-|–|—|to)\s*(\d{1,2})(?![\d.])")
+
+
+class RubricTooLongError(ValueError):
+    """The rubric does not fit the judge's fixed rubric length."""
+
+
+def item_score_range(item: str, default: tuple[int, int] = (0, 5)) -> tuple[int, int]:
+    """The first 'lo-hi' / 'lo to hi' range in an item's text (e.g. '0-5', '1–6'), else `default`."""
+    for match in _RANGE.finditer(item):
+        lo, hi = int(match.group(1)), int(match.group(2))
+        if lo < hi <= 99:
+            return lo, hi
+    return default
+
+
+@dataclasses.dataclass
+class JudgeResult:
+    score: float
+    item_scores: list[float]
+    rationales: list[str]
+    parse_failures: int
+    rule: str | None  # the task rule that set the score instead of the LLM, if any
+
+
+class Judge:
+    """Scores responses with a local `LanguageModel` against a `Rubric`."""
+
+    def __init__(self, model: LanguageModel, *, task: str | Task, mode: str = "logits",
+                 max_rubric_tokens: int = 1024, aggregate: str = "sum", default_range: tuple[int, int] = (0, 5),
+                 reuse_prefix: bool = True, rationale_tokens: int = 128, temperature: float = 0.0,
+                 max_items: int = 16):
+        if mode not in MODES:
+            raise ValueError(f"judge mode must be one of {MODES}, got {mode!r}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"judge aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        self.model, self.mode, self.aggregate = model, mode, aggregate
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.max_rubric_tokens, self.default_range = max_rubric_tokens, default_range
+        self.reuse_prefix, self.rationale_tokens, self.temperature = reuse_prefix, rationale_tokens, temperature
+        self.max_items = bucket(max_items, ITEM_BUCKETS, "max_items")
+        self.rubric: Rubric | None = None
+        self.prefix_prefills = 0  # how many times a rubric prefix was prefilled (cost accounting)
+        self._prefix_tokens: np.ndarray | None = None
+        self._prefix_valid: np.ndarray | None = None
+        self._prefix_cache: KVCache | None = None
+        self._prefill_prefix = jax.jit(judge_engine.build_prefix_prefill(model.graphdef), donate_argnums=(3,))
+        self._score_items = jax.jit(judge_engine.build_item_scorer(model.graphdef))
+        strings = model.sampler.token_strings()
+        digit = np.array([bool(s) and s.isascii() and s.isdigit() for s in strings], bool)
+        self._digit_mask = np.zeros((model.config.vocab_size,), bool)
+        self._digit_mask[:len(digit)] = digit
+
+    # -- rubric ---------------------------------------------------------------------------------
+    def _prefix_messages(self, rubric: Rubric) -> list[dict]:
+        return [{"role": "system", "content": f"{self.task.judge_system}\n\nScoring rubric:\n{rubric.render()}"}]
+
+    def _prefix_text(self, rubric: Rubric) -> str:
+        return self.model.tokenizer.apply_chat_template(self._prefix_messages(rubric), add_generation_prompt=False)
+
+    def set_rubric(self, rubric: Rubric) -> None:
+        """Install a rubric: its prefix tokens become the new input array (no recompilation)."""
+        if len(rubric.items) > self.max_items:
+            raise RubricTooLongError(f"rubric has {len(rubric.items)} items; this judge takes at most "
+                                     f"{self.max_items} (max_items)")
+        ids = self.model.tokenizer.encode(self._prefix_text(rubric), add_bos=False)
+        if len(ids) > self.max_rubric_tokens:
+            raise RubricTooLongError(f"rubric prefix is {len(ids)} tokens but max_rubric_tokens is "
+                                     f"{self.max_rubric_tokens}; shorten the rubric or raise max_rubric_tokens")
+        self._prefix_tokens, self._prefix_valid = _left_pad([ids], 1, self.max_rubric_tokens,
+                                                            self.model.tokenizer.pad_id)
+        self.rubric, self._prefix_cache = rubric, None
+
+    def _prefix(self, capacity: int, batch: int = 1) -> KVCache:
+        """The rubric prefix in a KV cache with `capacity` slots (prefilled once per rubric)."""
+        if self.rubric is None:
+            raise ValueError("no rubric installed: call judge.set_rubric(rubric) first")
+        if self.reuse_prefix and self._prefix_cache is not None and self._prefix_cache.capacity == capacity:
+            return self._prefix_cache
+        tokens = np.repeat(self._prefix_tokens, batch, axis=0)
+        valid = np.repeat(self._prefix_valid, batch, axis=0)
+        cache = KVCache.create(self.model.config, batch, capacity)
+        cache = self._prefill_prefix(self.model.params, jnp.asarray(tokens), jnp.asarray(valid), cache)
+        self.prefix_prefills += 1
+        if self.reuse_prefix:
+            self._prefix_cache = cache
+        return cache
+
+    # -- scoring --------------------------------------------------------------------------------
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> np.ndarray:
+        """Scalar rewards for (task prompt, response) pairs; see `score_detailed`."""
+        return np.array([r.score for r in self.score_detailed(prompts, responses)], np.float32)
+
+    def score_detailed(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[JudgeResult]:
+        """Per-sample results. A prompt is a task record (dict) or the task prompt as a string."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        records = [p if isinstance(p, dict) else self.task.record_from_prompt(p) for p in prompts]
+        results: list[JudgeResult | None] = [None] * len(records)
+        llm_rows = []
+        for i, (record, response) in enumerate(zip(records, responses, strict=True)):
+            rule = self.task.rule_score(record, response)
+            if rule is not None:
+                results[i] = JudgeResult(score=float(rule), item_scores=[], rationales=[], parse_failures=0,
+                                         rule="task rule")
+            else:
+                llm_rows.append(i)
+        if llm_rows:
+            rows = [(records[i], responses[i]) for i in llm_rows]
+            scored = self._score_logits(rows) if self.mode == "logits" else self._score_generate(rows)
+            for i, result in zip(llm_rows, scored, strict=True):
+                results[i] = result
+        return results
+
+    def _aggregate(self, item_scores: Sequence[float]) -> float:
+        if self.aggregate == "sum":
+            return float(np.sum(item_scores))
+        ranges = [item_score_range(item, self.default_range) for item in self.rubric.items]
+        normalized = [(s - lo) / (hi - lo) for s, (lo, hi) in zip(item_scores, ranges, strict=True)]
+        return float(np.clip(np.mean(normalized), 0.0, 1.0))
+
+    def _sample_text(self, record: dict, response: str) -> list[dict]:
+        return [{"role": "user", "content": self.task.judge_intro(record, response)}]
+
+    def _item_turn(self, index: int, item: str) -> list[dict]:
+        return [{"role": "user", "content": self.task.item_rationale_request(index + 1, item)}]
+
+    def _logits_item_turn(self, index: int, item: str) -> list[dict]:
+        lo, hi = item_score_range(item, self.default_range)
+        content = (f"Rubric item #{index + 1}:\n{item}\n\n{self.task.item_score_request()} "
+                   f"Answer with one integer from {lo} to {hi}.")
+        return [{"role": "user", "content": content}]
+
+    def _deltas(self, rows) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Token ids of each row's material and of each item turn, as appended to the prefix."""
+        tok = self.model.tokenizer
+        prefix_msgs = self._prefix_messages(self.rubric)
+        prefix_text = self._prefix_text(self.rubric)
+        samples, items = [], []
+        for record, response in rows:
+            msgs = prefix_msgs + self._sample_text(record, response)
+            sample_text = tok.apply_chat_template(msgs, add_generation_prompt=False)
+            _check_prefix(prefix_text, sample_text)
+            samples.append(tok.encode(sample_text[len(prefix_text):], add_bos=False))
+            row_items = []
+            for k, item in enumerate(self.rubric.items):
+                full = tok.apply_chat_template(msgs + self._logits_item_turn(k, item), add_generation_prompt=True)
+                _check_prefix(sample_text, full)
+                row_items.append(tok.encode(full[len(sample_text):], add_bos=False))
+            items.append(row_items)
+        return samples, items
+
+    def _score_logits(self, rows) -> list[JudgeResult]:
+        sampler = self.model.sampler
+        samples, items = self._deltas(rows)
+        batch = sampler.padded_batch(len(rows))
+        sample_len = bucket(max(len(s) for s in samples), sampler.prompt_buckets, "judged sample (tokens)")
+        item_len = bucket(max(len(t) for r in items for t in r), sampler.prompt_buckets, "rubric item turn (tokens)")
+        k = self.max_items
+        sample_tokens, sample_valid = _left_pad(samples, batch, sample_len, self.model.tokenizer.pad_id)
+        item_tokens = np.full((k, batch, item_len), self.model.tokenizer.pad_id, np.int32)
+        item_valid = np.zeros((k, batch, item_len), bool)
+        item_valid[:, :, -1] = True  # padding items/rows still need one valid query position
+        for j in range(len(self.rubric.items)):
+            t, v = _left_pad([r[j] for r in items], batch, item_len, self.model.tokenizer.pad_id)
+            item_tokens[j], item_valid[j] = t, v | item_valid[j]
+        ranges = [item_score_range(item, self.default_range) for item in self.rubric.items]
+        widest = max(hi - lo + 1 for lo, hi in ranges)
+        starts = max(len({t[0] for t in map(self._encode_number, range(lo, hi + 1)) if len(t) > 1})
+                     for lo, hi in ranges)
+        tables = judge_engine.candidate_tables(ranges, self._encode_number, k,
+                                               bucket(widest, CANDIDATE_BUCKETS, "score range size"),
+                                               bucket(max(starts, 1), PREFIX_BUCKETS, "two-token score prefixes"))
+        capacity = self.max_rubric_tokens + sample_len + item_len + 1
+        # Without reuse every row prefills the rubric prefix itself, as a plain judge would.
+        prefix = self._prefix(capacity) if self.reuse_prefix else self._prefix(capacity, batch)
+        expected = self._score_items(self.model.params, prefix, jnp.asarray(sample_tokens), jnp.asarray(sample_valid),
+                                     jnp.asarray(item_tokens), jnp.asarray(item_valid), jnp.asarray(self._digit_mask),
+                                     *(jnp.asarray(getattr(tables, f.name)) for f in dataclasses.fields(tables)))
+        expected = np.asarray(jax.device_get(expected))[:len(self.rubric.items), :len(rows)]
+        return [JudgeResult(score=self._aggregate(expected[:, r].tolist()), item_scores=expected[:, r].tolist(),
+                            rationales=[], parse_failures=0, rule=None) for r in range(len(rows))]
+
+    def _encode_number(self, n: int) -> list[int]:
+        return self.model.tokenizer.encode(str(n), add_bos=False)
+
+    def _score_generate(self, rows) -> list[JudgeResult]:
+        sampler = self.model.sampler
+        batch = sampler.padded_batch(len(rows))
+        # The conversation grows the cache as it needs; the prefix is computed at its own size.
+        cache = judge_engine.tile_cache(self._prefix(self.max_rubric_tokens), batch)
+        prefix_text = self._prefix_text(self.rubric)
+        conversation = Conversation(messages=[self._prefix_messages(self.rubric) for _ in rows],
+                                    context=[prefix_text] * len(rows),
+                                    state=GenerationState(cache=cache, cursor=self.max_rubric_tokens,
+                                                          num_rows=len(rows)), replies=[])
+        rationale_params = SamplingParams(max_new_tokens=self.rationale_tokens, temperature=self.temperature,
+                                          stop=("<EOE>",))
+        score_params = SamplingParams(max_new_tokens=3, temperature=self.temperature)
+        digits = self.model.digits_constraint(max_digits=2)
+        item_scores = [[] for _ in rows]
+        rationales = [[] for _ in rows]
+        failures = [0] * len(rows)
+        for k, item in enumerate(self.rubric.items):
+            first = [self._sample_text(r, resp) + self._item_turn(k, item) if k == 0 else self._item_turn(k, item)
+                     for r, resp in rows]
+            conversation = self.model.chat_continue(conversation, first, rationale_params)
+            for i, reply in enumerate(conversation.replies):
+                rationales[i].append(reply.strip())
+            score_turn = [{"role": "user", "content": self.task.item_score_request()}]
+            conversation = self.model.chat_continue(conversation, [score_turn] * len(rows), score_params, digits)
+            for i, reply in enumerate(conversation.replies):
+                value = _parse_int(reply)
+                failures[i] += value is None
+                item_scores[i].append(float(value or 0))
+        return [JudgeResult(score=self._aggregate(item_scores[i]), item_scores=item_scores[i],
+                            rationales=rationales[i], parse_failures=failures[i], rule=None)
+                for i in range(len(rows))]
+
+
+def _check_prefix(prefix: str, full: str) -> None:
+    if not full.startswith(prefix):
+        raise ValueError("the chat template does not extend the judge prefix turn by turn; "
+                         "this judge needs a template where earlier turns render identically")
+
+
+def _left_pad(rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((batch, length), pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for i, ids in enumerate(rows):
+        if len(ids):
+            tokens[i, length - len(ids):] = ids
+            valid[i, length - len(ids):] = True
+    return tokens, valid
+
+
+def _parse_int(text: str) -> int | None:
+    """The integer a constrained score turn produced; model output is parsed, never evaluated."""
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None

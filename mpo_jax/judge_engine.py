@@ -1,0 +1,123 @@
+"""Jitted pieces of the logits-mode judge: the rubric prefix and expected item scores.
+
+The rubric prefix (system turn + rubric) is prefilled once per rubric version into a batch-1
+KV cache from a token array padded to a fixed length, so a new rubric is new data, not a new
+program. Scoring a batch tiles that cache over the rows, prefills each row's material once,
+then for every rubric item prefills only the item's short turn on top and reads the
+next-token distribution where the score would be written.
+
+Scores are whole numbers written as token sequences; with digit-by-digit tokenizers "10" is
+two tokens, so a number's probability is the product over its tokens, times the probability
+that no further digit follows when it is a prefix of a longer candidate. The expected score
+is the probability-weighted mean over the item's candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mpo_jax.models.kv_cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateTables:
+    """Score candidates of every item, padded: [K, C] first/second token, value, validity."""
+
+    first: np.ndarray  # [K, C] int32
+    second: np.ndarray  # [K, C] int32, -1 for one-token candidates
+    value: np.ndarray  # [K, C] float32
+    valid: np.ndarray  # [K, C] bool
+    prefixes: np.ndarray  # [K, D] int32 first tokens that start a two-token candidate (-1 pad)
+    is_prefix: np.ndarray  # [K, C] bool: the one-token candidate is also a prefix (needs its stop prob)
+    prefix_slot: np.ndarray  # [K, C] int32 index into prefixes for the candidate's first token (0 if none)
+
+
+def candidate_tables(ranges: Sequence[tuple[int, int]], encode_number, num_items: int, num_candidates: int,
+                     num_prefixes: int) -> CandidateTables:
+    """Tables for score ranges (lo, hi) per item; `encode_number(n)` gives n's token ids."""
+    k, c, d = num_items, num_candidates, num_prefixes
+    first = np.zeros((k, c), np.int32)
+    second = np.full((k, c), -1, np.int32)
+    value = np.zeros((k, c), np.float32)
+    valid = np.zeros((k, c), bool)
+    prefixes = np.full((k, d), -1, np.int32)
+    is_prefix = np.zeros((k, c), bool)
+    slot = np.zeros((k, c), np.int32)
+    for item, (lo, hi) in enumerate(ranges):
+        numbers = list(range(lo, hi + 1))
+        if len(numbers) > c:
+            raise ValueError(f"item {item + 1}: score range {lo}-{hi} has more than {c} values")
+        tokens = [encode_number(n) for n in numbers]
+        if any(len(t) > 2 for t in tokens):
+            raise ValueError(f"item {item + 1}: scores up to {hi} need more than two tokens; "
+                             "use a range below 100 or the generate mode")
+        starts = sorted({t[0] for t in tokens if len(t) == 2})
+        if len(starts) > d:
+            raise ValueError(f"item {item + 1}: too many distinct first tokens of two-token scores")
+        prefixes[item, :len(starts)] = starts
+        for j, (n, t) in enumerate(zip(numbers, tokens, strict=True)):
+            first[item, j], value[item, j], valid[item, j] = t[0], n, True
+            if len(t) == 2:
+                second[item, j] = t[1]
+            if t[0] in starts:
+                slot[item, j] = starts.index(t[0])
+                is_prefix[item, j] = len(t) == 1
+    return CandidateTables(first, second, value, valid, prefixes, is_prefix, slot)
+
+
+def tile_cache(cache: KVCache, batch: int) -> KVCache:
+    """A batch-1 cache repeated over `batch` rows."""
+    return KVCache(k=jnp.repeat(cache.k, batch, axis=1), v=jnp.repeat(cache.v, batch, axis=1),
+                   valid=jnp.repeat(cache.valid, batch, axis=0), cursor=cache.cursor,
+                   next_position=jnp.repeat(cache.next_position, batch, axis=0))
+
+
+def build_prefix_prefill(graphdef: nnx.GraphDef):
+    def prefill_prefix(params, tokens, valid, cache):
+        model = nnx.merge(graphdef, params)
+        _, cache = model.hidden_states(tokens, valid, cache)
+        return cache
+
+    return prefill_prefix
+
+
+def build_item_scorer(graphdef: nnx.GraphDef):
+    """(params, prefix cache, rows, items, candidate tables) -> expected scores [K, B]."""
+
+    def score(params, prefix_cache, sample_tokens, sample_valid, item_tokens, item_valid, digit_mask,
+              first, second, value, valid, prefixes, is_prefix, prefix_slot):
+        model = nnx.merge(graphdef, params)
+        batch = sample_tokens.shape[0]
+        cache = prefix_cache if prefix_cache.batch_size == batch else tile_cache(prefix_cache, batch)
+        _, cache = model.hidden_states(sample_tokens, sample_valid, cache)
+
+        def one_item(args):
+            tokens, tok_valid, first, second, value, valid, prefixes, is_prefix, slot = args
+            hidden, item_cache = model.hidden_states(tokens, tok_valid, cache)
+            logp1 = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1]), axis=-1)  # [B, V]
+
+            def after_prefix(prefix):
+                step = jnp.broadcast_to(jnp.maximum(prefix, 0), (batch, 1)).astype(jnp.int32)
+                h, _ = model.hidden_states(step, jnp.ones((batch, 1), bool), item_cache)
+                return jax.nn.log_softmax(model.logits_from_hidden(h[:, 0]), axis=-1)  # [B, V]
+
+            logp2 = jax.lax.map(after_prefix, prefixes)  # [D, B, V]
+            lp_first = logp1[:, first]  # [B, C]
+            lp_second = logp2[slot, :, jnp.maximum(second, 0)].T  # [B, C]
+            more_digits = jnp.sum(jnp.where(digit_mask, jnp.exp(logp2), 0.0), axis=-1)  # [D, B]
+            stop = jnp.log1p(-jnp.clip(more_digits, 0.0, 1.0 - 1e-6))[slot].T  # log P(no further digit | prefix)
+            logp = lp_first + jnp.where(second >= 0, lp_second, jnp.where(is_prefix, stop, 0.0))
+            logp = jnp.where(valid, logp, -jnp.inf)
+            weights = jax.nn.softmax(logp, axis=-1)
+            return jnp.sum(weights * value, axis=-1)  # [B]
+
+        return jax.lax.map(one_item, (item_tokens, item_valid, first, second, value, valid, prefixes, is_prefix,
+                                      prefix_slot))
+
+    return score
