@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpo_jax import judge_engine
+from mpo_jax import chat_session, judge_engine
 from mpo_jax.language_model import Conversation, LanguageModel
 from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.rubric import Rubric
-from mpo_jax.sampling import GenerationState, SamplingParams, bucket
+from mpo_jax.sampling import GenerationState, bucket
 from mpo_jax.tasks import Task, get_task
 
 MODES = ("logits", "generate")
@@ -74,6 +74,9 @@ class Judge:
             raise ValueError(f"judge mode must be one of {MODES}, got {mode!r}")
         if aggregate not in AGGREGATES:
             raise ValueError(f"judge aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        self.local = isinstance(model, LanguageModel)
+        if not self.local and mode != "generate":
+            raise ValueError("a remote judge has no logits: use mode='generate' with a RemoteChatModel")
         self.model, self.mode, self.aggregate = model, mode, aggregate
         self.task = get_task(task) if isinstance(task, str) else task
         self.max_rubric_tokens, self.default_range = max_rubric_tokens, default_range
@@ -84,12 +87,13 @@ class Judge:
         self._prefix_tokens: np.ndarray | None = None
         self._prefix_valid: np.ndarray | None = None
         self._prefix_cache: KVCache | None = None
-        self._prefill_prefix = jax.jit(judge_engine.build_prefix_prefill(model.graphdef), donate_argnums=(3,))
-        self._score_items = jax.jit(judge_engine.build_item_scorer(model.graphdef))
-        strings = model.sampler.token_strings()
-        digit = np.array([bool(s) and s.isascii() and s.isdigit() for s in strings], bool)
-        self._digit_mask = np.zeros((model.config.vocab_size,), bool)
-        self._digit_mask[:len(digit)] = digit
+        if self.local:
+            self._prefill_prefix = jax.jit(judge_engine.build_prefix_prefill(model.graphdef), donate_argnums=(3,))
+            self._score_items = jax.jit(judge_engine.build_item_scorer(model.graphdef))
+            strings = model.sampler.token_strings()
+            digit = np.array([bool(s) and s.isascii() and s.isdigit() for s in strings], bool)
+            self._digit_mask = np.zeros((model.config.vocab_size,), bool)
+            self._digit_mask[:len(digit)] = digit
 
     # -- rubric ---------------------------------------------------------------------------------
     def _prefix_messages(self, rubric: Rubric) -> list[dict]:
@@ -98,11 +102,15 @@ class Judge:
     def _prefix_text(self, rubric: Rubric) -> str:
         return self.model.tokenizer.apply_chat_template(self._prefix_messages(rubric), add_generation_prompt=False)
 
+
     def set_rubric(self, rubric: Rubric) -> None:
         """Install a rubric: its prefix tokens become the new input array (no recompilation)."""
         if len(rubric.items) > self.max_items:
             raise RubricTooLongError(f"rubric has {len(rubric.items)} items; this judge takes at most "
                                      f"{self.max_items} (max_items)")
+        if not self.local:
+            self.rubric = rubric
+            return
         ids = self.model.tokenizer.encode(self._prefix_text(rubric), add_bos=False)
         if len(ids) > self.max_rubric_tokens:
             raise RubricTooLongError(f"rubric prefix is {len(ids)} tokens but max_rubric_tokens is "
@@ -225,37 +233,34 @@ class Judge:
         return self.model.tokenizer.encode(str(n), add_bos=False)
 
     def _score_generate(self, rows) -> list[JudgeResult]:
-        sampler = self.model.sampler
-        batch = sampler.padded_batch(len(rows))
-        # The conversation grows the cache as it needs; the prefix is computed at its own size.
-        cache = judge_engine.tile_cache(self._prefix(self.max_rubric_tokens), batch)
-        prefix_text = self._prefix_text(self.rubric)
-        conversation = Conversation(messages=[self._prefix_messages(self.rubric) for _ in rows],
-                                    context=[prefix_text] * len(rows),
-                                    state=GenerationState(cache=cache, cursor=self.max_rubric_tokens,
-                                                          num_rows=len(rows)), replies=[])
-        rationale_params = SamplingParams(max_new_tokens=self.rationale_tokens, temperature=self.temperature,
-                                          stop=("<EOE>",))
-        score_params = SamplingParams(max_new_tokens=3, temperature=self.temperature)
-        digits = self.model.digits_constraint(max_digits=2)
+        session = self._generate_session(rows)
         item_scores = [[] for _ in rows]
         rationales = [[] for _ in rows]
         failures = [0] * len(rows)
+        score_turn = [{"role": "user", "content": self.task.item_score_request()}]
         for k, item in enumerate(self.rubric.items):
-            first = [self._sample_text(r, resp) + self._item_turn(k, item) if k == 0 else self._item_turn(k, item)
-                     for r, resp in rows]
-            conversation = self.model.chat_continue(conversation, first, rationale_params)
-            for i, reply in enumerate(conversation.replies):
+            turns = [(self._sample_text(r, resp) if k == 0 else []) + self._item_turn(k, item) for r, resp in rows]
+            for i, reply in enumerate(session.say(turns, max_tokens=self.rationale_tokens, stop=("<EOE>",),
+                                                  temperature=self.temperature)):
                 rationales[i].append(reply.strip())
-            score_turn = [{"role": "user", "content": self.task.item_score_request()}]
-            conversation = self.model.chat_continue(conversation, [score_turn] * len(rows), score_params, digits)
-            for i, reply in enumerate(conversation.replies):
-                value = _parse_int(reply)
+            for i, value in enumerate(session.say_integer([score_turn] * len(rows), max_digits=2)):
                 failures[i] += value is None
-                item_scores[i].append(float(value or 0))
+                item_scores[i].append(float(value or 0))  # an unreadable score counts 0, as published
         return [JudgeResult(score=self._aggregate(item_scores[i]), item_scores=item_scores[i],
                             rationales=rationales[i], parse_failures=failures[i], rule=None)
                 for i in range(len(rows))]
+
+    def _generate_session(self, rows) -> chat_session.ChatSession:
+        """Conversations that start after the rubric prefix (read from its KV cache when local)."""
+        histories = [self._prefix_messages(self.rubric) for _ in rows]
+        if not self.local:
+            return chat_session.open_session(self.model, histories)
+        batch = self.model.sampler.padded_batch(len(rows))
+        cache = judge_engine.tile_cache(self._prefix(self.max_rubric_tokens), batch)
+        prefix = Conversation(messages=histories, context=[self._prefix_text(self.rubric)] * len(rows),
+                              state=GenerationState(cache=cache, cursor=self.max_rubric_tokens, num_rows=len(rows)),
+                              replies=[])
+        return chat_session.LocalChatSession(self.model, histories, conversation=prefix)
 
 
 def _check_prefix(prefix: str, full: str) -> None:
@@ -272,9 +277,3 @@ def _left_pad(rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: in
             tokens[i, length - len(ids):] = ids
             valid[i, length - len(ids):] = True
     return tokens, valid
-
-
-def _parse_int(text: str) -> int | None:
-    """The integer a constrained score turn produced; model output is parsed, never evaluated."""
-    match = re.search(r"\d+", text)
-    return int(match.group()) if match else None
