@@ -32,6 +32,7 @@ from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.rubric import Rubric
 from mpo_jax.sampling import GenerationState, bucket
 from mpo_jax.tasks import Task, get_task
+from mpo_jax.tasks.math_reasoning import MathTask, answer_check, rationale_gate, subject_id
 
 MODES = ("logits", "generate")
 AGGREGATES = ("sum", "mean_normalized")
@@ -69,7 +70,7 @@ class Judge:
     def __init__(self, model: LanguageModel, *, task: str | Task, mode: str = "logits",
                  max_rubric_tokens: int = 1024, aggregate: str = "sum", default_range: tuple[int, int] = (0, 5),
                  reuse_prefix: bool = True, rationale_tokens: int = 128, temperature: float = 0.0,
-                 max_items: int = 16):
+                 max_items: int = 16, math_llm_probability: float = 0.5, seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"judge mode must be one of {MODES}, got {mode!r}")
         if aggregate not in AGGREGATES:
@@ -83,6 +84,11 @@ class Judge:
         self.reuse_prefix, self.rationale_tokens, self.temperature = reuse_prefix, rationale_tokens, temperature
         self.max_items = bucket(max_items, ITEM_BUCKETS, "max_items")
         self.rubric: Rubric | None = None
+        # MATH: each sample is judged by the answer check or, with this probability, by the LLM's
+        # plan-then-execute program; `guidelines` maps a subject id to its guideline text.
+        self.math_llm_probability = math_llm_probability
+        self.guidelines: dict[int, str] = {}
+        self._rng = np.random.default_rng(seed)
         self.prefix_prefills = 0  # how many times a rubric prefix was prefilled (cost accounting)
         self._prefix_tokens: np.ndarray | None = None
         self._prefix_valid: np.ndarray | None = None
@@ -144,6 +150,8 @@ class Judge:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         records = [p if isinstance(p, dict) else self.task.record_from_prompt(p) for p in prompts]
+        if isinstance(self.task, MathTask):
+            return self._score_math(records, list(responses))
         results: list[JudgeResult | None] = [None] * len(records)
         llm_rows = []
         for i, (record, response) in enumerate(zip(records, responses, strict=True)):
@@ -249,6 +257,48 @@ class Judge:
         return [JudgeResult(score=self._aggregate(item_scores[i]), item_scores=item_scores[i],
                             rationales=rationales[i], parse_failures=failures[i], rule=None)
                 for i in range(len(rows))]
+
+    def _score_math(self, records: list[dict], responses: list[str]) -> list[JudgeResult]:
+        """Per sample a fair coin (by default): the answer check (5/0) or the LLM judge (0-5)."""
+        results: list[JudgeResult | None] = [None] * len(records)
+        use_llm = self._rng.random(len(records)) < self.math_llm_probability
+        llm_rows = []
+        for i, (record, response) in enumerate(zip(records, responses, strict=True)):
+            gate = rationale_gate(record, response)
+            if gate is None and use_llm[i]:
+                llm_rows.append(i)
+                continue
+            verdict = gate or answer_check(record, response)
+            results[i] = JudgeResult(score=verdict.score, item_scores=[verdict.score], rationales=[verdict.reason],
+                                     parse_failures=0, rule="rationale gate" if gate else "answer check")
+        if llm_rows:
+            for i, result in zip(llm_rows, self._plan_execute([records[i] for i in llm_rows],
+                                                              [responses[i] for i in llm_rows]), strict=True):
+                results[i] = result
+        return results
+
+    def _guideline_for(self, record: dict) -> str:
+        default = "\n\n".join(self.rubric.items) if self.rubric is not None else ""
+        try:
+            return self.guidelines.get(subject_id(record), default)
+        except ValueError:
+            return default
+
+    def _plan_execute(self, records: list[dict], responses: list[str]) -> list[JudgeResult]:
+        """MATH's LLM judge: write an evaluation plan, execute it on the solution, score 0-5."""
+        session = chat_session.open_session(self.model, [[{"role": "system", "content": self.task.judge_system}]
+                                                         for _ in records])
+        plans = session.say([[{"role": "user", "content": self.task.judge_plan_request(r, self._guideline_for(r))}]
+                             for r in records], max_tokens=self.rationale_tokens, stop=("<EOE>",),
+                            temperature=self.temperature)
+        evaluations = session.say([[{"role": "user", "content": self.task.judge_execute_request(p, resp)}]
+                                   for p, resp in zip(plans, responses, strict=True)],
+                                  max_tokens=self.rationale_tokens, stop=("<EOE>",), temperature=self.temperature)
+        scores = session.say_integer([[{"role": "user", "content": self.task.judge_score_request(e)}]
+                                      for e in evaluations], max_digits=1)
+        return [JudgeResult(score=float(min(s, 5) if s is not None else 0), item_scores=[float(min(s or 0, 5))],
+                            rationales=[f"{p.strip()}\n\n{e.strip()}"], parse_failures=int(s is None), rule=None)
+                for p, e, s in zip(plans, evaluations, scores, strict=True)]
 
     def _generate_session(self, rows) -> chat_session.ChatSession:
         """Conversations that start after the rubric prefix (read from its KV cache when local)."""

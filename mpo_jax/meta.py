@@ -202,3 +202,74 @@ def _is_clean_item(text: str) -> bool:
 
 def _render_items(items: Sequence[str]) -> str:
     return "<rubric>\n" + "\n\n".join(f"<item>\n{t}\n</item>" for t in items) + "\n</rubric>"
+
+
+@dataclasses.dataclass
+class GuidelineUpdate:
+    """The math meta step's outcome for one (subject[, cluster]) group."""
+
+    group: Any
+    guideline: Rubric  # in force after the step
+    accepted: bool
+    reason: str
+    cases: list[dict[str, Any]]
+    analysis: str
+    refinement: str
+
+
+def tiered_cases(scored: Sequence[tuple[int, float]], per_tier: int, rng: np.random.Generator) -> list[int]:
+    """Indices drawn from the low, mid and high thirds by score (all of them for tiny groups)."""
+    if len(scored) < 3:
+        return [i for i, _ in scored]
+    ordered = [i for i, _ in sorted(scored, key=lambda pair: pair[1])]
+    tiers = np.array_split(np.array(ordered), 3)
+    chosen: list[int] = []
+    for tier in tiers:
+        take = min(per_tier, len(tier))
+        chosen.extend(int(i) for i in rng.choice(tier, size=take, replace=False))
+    return chosen
+
+
+def math_meta_step(mrm: MetaRewardModel, guidelines: dict[Any, Rubric], samples: Sequence[MetaSample],
+                   rng: np.random.Generator | int, *, group_of, per_tier: int = 2, max_words: int = 1000,
+                   step: int | None = None) -> dict[Any, GuidelineUpdate]:
+    """MATH's meta step: per group, analyse low/mid/high-scored cases and rewrite its guidelines.
+
+    There is no merge: each group's refinement becomes its next guideline (when it validates).
+    Every group in `guidelines` is analysed, with an empty case list if it saw no rollouts.
+    """
+    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    task = mrm.task
+    groups = list(guidelines)
+    members: dict[Any, list[tuple[int, float]]] = {g: [] for g in groups}
+    for index, sample in enumerate(samples):
+        group = group_of(sample.record)
+        if group in members:
+            members[group].append((index, sample.score))
+    cases = {}
+    for group in groups:
+        picked = tiered_cases(members[group], per_tier, rng)
+        cases[group] = [{"problem": samples[i].record.get("problem", ""), "response": samples[i].response,
+                         "reference": samples[i].record.get("solution", ""),
+                         "feedback": "\n\n".join(samples[i].rationales), "score": samples[i].score} for i in picked]
+    session = chat_session.open_session(mrm.model, [mrm._system() for _ in groups])
+    analyses = session.say([[{"role": "user", "content": task.meta_cases_analysis(
+        cases[g], "\n\n".join(guidelines[g].items), max_words)}] for g in groups],
+        max_tokens=mrm.analysis_tokens, stop=("<EOE>", "</EOE>"), temperature=mrm.temperature)
+    refinements = session.say([[{"role": "user", "content": task.meta_guidelines_request(a, max_words)}]
+                               for a in analyses], max_tokens=mrm.analysis_tokens, stop=("<EOE>", "</EOE>"),
+                              temperature=mrm.temperature)
+    updates = {}
+    for group, analysis, refinement in zip(groups, analyses, refinements, strict=True):
+        previous = guidelines[group]
+        text = refinement.strip()
+        try:
+            if not _is_clean_item(text):
+                raise RubricError("the guideline contains rubric markup")
+            new = Rubric(items=(text,), iteration=previous.iteration + 1, parent=previous.iteration,
+                         created_step=step, task=task.name).validated(task.rubric_limits)
+            updates[group] = GuidelineUpdate(group, new, True, "accepted", cases[group], analysis.strip(), text)
+        except (RubricError, ValueError) as exc:
+            updates[group] = GuidelineUpdate(group, previous, False, f"kept: {exc}", cases[group], analysis.strip(),
+                                             text)
+    return updates

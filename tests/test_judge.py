@@ -157,3 +157,42 @@ def test_rubric_longer_than_the_maximum_is_refused_at_swap_time(model):
                                            ("version 2.0-3.1", (0, 5))])
 def test_item_score_range(text, expected):
     assert item_score_range(text) == expected
+
+
+class ScriptedMathClient:
+    """A remote-chat stand-in: plans and evaluations are fixed text, every score is 3."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def chat_batch(self, conversations, **kw):
+        self.calls += 1
+        return ["Step 1: check the algebra.<EOE>" for _ in conversations]
+
+    def chat_batch_integer(self, conversations, max_digits=2):
+        return [3] * len(conversations)
+
+
+def test_math_judge_mixes_answer_check_and_plan_execute():
+    record = {"problem": "What is 2+2?", "solution": "2+2 = \\boxed{4}", "subject": "algebra"}
+    reasoning = " ".join(["We add the two numbers carefully and check the result twice."] * 4)
+    right, wrong, short = f"{reasoning} \\boxed{{4}}", f"{reasoning} \\boxed{{5}}", "It is \\boxed{4}"
+    checker = Judge(ScriptedMathClient(), task="math", mode="generate", math_llm_probability=0.0)
+    checker.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    results = checker.score_detailed([record] * 3, [right, wrong, short])
+    assert [r.score for r in results] == [5.0, 0.0, 0.0]
+    assert [r.rule for r in results] == ["answer check", "answer check", "rationale gate"]
+    client = ScriptedMathClient()
+    llm = Judge(client, task="math", mode="generate", math_llm_probability=1.0)
+    llm.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    results = llm.score_detailed([record] * 3, [right, wrong, short])
+    assert [r.score for r in results] == [3.0, 3.0, 0.0] and client.calls == 2  # plan, then execute
+    mixed = Judge(ScriptedMathClient(), task="math", mode="generate", math_llm_probability=0.5, seed=1)
+    mixed.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    rules = {r.rule for r in mixed.score_detailed([record] * 16, [wrong] * 16)}
+    assert rules == {"answer check", None}
+
+
+def test_a_remote_judge_cannot_use_logits_mode():
+    with pytest.raises(ValueError, match="remote judge has no logits"):
+        Judge(ScriptedMathClient(), task="essay", mode="logits")

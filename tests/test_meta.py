@@ -105,3 +105,30 @@ def test_meta_step_runs_on_a_local_model(tmp_path_factory):
     assert result.reason
     assert result.rubric == RUBRIC or (result.accepted and result.rubric.iteration == 1)
     assert isinstance(result.rubric, Rubric) and len(result.analyses) == 2
+
+
+def test_math_meta_step_refines_each_group_from_tiered_cases():
+    from mpo_jax.meta import math_meta_step, tiered_cases
+    from mpo_jax.tasks.math_reasoning import subject_id
+
+    rng = np.random.default_rng(0)
+    picked = tiered_cases([(i, float(s)) for i, s in enumerate([5, 0, 3, 1, 4, 2, 0, 5, 1])], 2, rng)
+    scores = [5, 0, 3, 1, 4, 2, 0, 5, 1]
+    tiers = [sorted(scores)[:3], sorted(scores)[3:6], sorted(scores)[6:]]
+    assert len(picked) == 6 and all(sum(scores[i] in t for i in picked) >= 2 for t in tiers)
+
+    class Client(ScriptedClient):
+        def chat_batch(self, conversations, **kw):
+            return ["Check units. Award partial credit for correct setup.<EOE>" for _ in conversations]
+
+    math = get_task("math")
+    guideline = math.initial_rubrics["iter0"]
+    records = [{"problem": f"p{i}", "solution": "\\boxed{1}", "subject": "algebra" if i < 4 else "geometry"}
+               for i in range(6)]
+    buffered = [MetaSample(record=r, response="x", score=float(i % 3)) for i, r in enumerate(records)]
+    mrm = MetaRewardModel(Client(items=["x"]), task="math")
+    updates = math_meta_step(mrm, {0: guideline, 2: guideline, 6: guideline}, buffered, 0, group_of=subject_id)
+    assert set(updates) == {0, 2, 6}
+    assert len(updates[0].cases) == 4 and len(updates[2].cases) == 2 and updates[6].cases == []
+    assert all(u.accepted and u.guideline.iteration == 1 for u in updates.values())
+    assert updates[0].guideline.items == ("Check units. Award partial credit for correct setup.",)
