@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from mpo_jax import chat_session
 from mpo_jax.rubric import Rubric, RubricError, diff
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import PRESCREEN_CHOICES, join_criteria_sets
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,14 @@ class MetaRewardModel:
     # -- the step -------------------------------------------------------------------------------
     def meta_step(self, rubric: Rubric, samples: Sequence[MetaSample], rng: np.random.Generator | int,
                   *, step: int | None = None) -> MetaResult:
+        """One meta step; the returned rubric is the one in force afterwards (logged either way)."""
+        result = self._meta_step(rubric, samples, rng, step)
+        _LOG.info("meta step %s: %s (rubric iteration %d, %d items)", step, result.reason,
+                  result.rubric.iteration, len(result.rubric.items))
+        return result
+
+    def _meta_step(self, rubric: Rubric, samples: Sequence[MetaSample], rng: np.random.Generator | int,
+                   step: int | None) -> MetaResult:
         if not samples:
             return self._keep(rubric, "no buffered rollouts", [], [], [], [], "", {})
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng

@@ -132,3 +132,13 @@ def test_math_meta_step_refines_each_group_from_tiered_cases():
     assert len(updates[0].cases) == 4 and len(updates[2].cases) == 2 and updates[6].cases == []
     assert all(u.accepted and u.guideline.iteration == 1 for u in updates.values())
     assert updates[0].guideline.items == ("Check units. Award partial credit for correct setup.",)
+
+
+def test_the_reason_is_logged_whether_or_not_the_rubric_changes(caplog):
+    caplog.set_level("INFO", logger="mpo_jax.meta")
+    MetaRewardModel(ScriptedClient(items=[""]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0, step=4)
+    MetaRewardModel(ScriptedClient(items=["### Focus"]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), 0,
+                                                                                               step=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("meta step 4: no refinement" in m for m in messages)
+    assert any("meta step 5: accepted" in m for m in messages)
