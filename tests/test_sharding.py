@@ -67,3 +67,19 @@ def test_mesh_that_does_not_fit_the_devices_is_a_clear_error():
         make_mesh((1, 3, 4))
     with pytest.raises(ValueError, match="unknown mesh axes"):
         make_mesh({"model": 8})
+
+
+def test_load_model_takes_jax_make_mesh_as_it_is(tmp_path):
+    from mpo_jax import load_model
+    from mpo_jax.models.hf_checkpoint import export_hf_checkpoint
+
+    config = tiny_config("qwen2", vocab_size=264, num_heads=8, num_kv_heads=4, hidden_size=64, intermediate_size=128)
+    export_hf_checkpoint(config, random_params(config, seed=2), tmp_path)
+    tiny_tokenizer_dir(tmp_path)
+    mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))  # Explicit axes
+    sharded = load_model(tmp_path, mesh=mesh)
+    single = load_model(tmp_path)
+    ids = np.random.default_rng(1).integers(0, 264, (2, 9)).astype(np.int32)
+    assert np.max(np.abs(np.asarray(sharded.logits(ids)) - np.asarray(single.logits(ids)))) < 1e-4
+    assert sharded.params["layers"]["down_proj"][...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor",
+                                                                                                   "fsdp")
