@@ -175,7 +175,7 @@ class Judge:
         normalized = [(s - lo) / (hi - lo) for s, (lo, hi) in zip(item_scores, ranges, strict=True)]
         return float(np.clip(np.mean(normalized), 0.0, 1.0))
 
-    def _sample_text(self, record: dict, response: str) -> list[dict]:
+    def _sample_messages(self, record: dict, response: str) -> list[dict]:
         return [{"role": "user", "content": self.task.judge_intro(record, response)}]
 
     def _item_turn(self, index: int, item: str) -> list[dict]:
@@ -194,7 +194,7 @@ class Judge:
         prefix_text = self._prefix_text(self.rubric)
         samples, items = [], []
         for record, response in rows:
-            msgs = prefix_msgs + self._sample_text(record, response)
+            msgs = prefix_msgs + self._sample_messages(record, response)
             sample_text = tok.apply_chat_template(msgs, add_generation_prompt=False)
             _check_prefix(prefix_text, sample_text)
             samples.append(tok.encode(sample_text[len(prefix_text):], add_bos=False))
@@ -247,7 +247,7 @@ class Judge:
         failures = [0] * len(rows)
         score_turn = [{"role": "user", "content": self.task.item_score_request()}]
         for k, item in enumerate(self.rubric.items):
-            turns = [(self._sample_text(r, resp) if k == 0 else []) + self._item_turn(k, item) for r, resp in rows]
+            turns = [(self._sample_messages(r, resp) if k == 0 else []) + self._item_turn(k, item) for r, resp in rows]
             for i, reply in enumerate(session.say(turns, max_tokens=self.rationale_tokens, stop=("<EOE>",),
                                                   temperature=self.temperature)):
                 rationales[i].append(reply.strip())

@@ -103,9 +103,13 @@ def build_item_scorer(graphdef: nnx.GraphDef):
             logp1 = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1]), axis=-1)  # [B, V]
 
             def after_prefix(prefix):
-                step = jnp.broadcast_to(jnp.maximum(prefix, 0), (batch, 1)).astype(jnp.int32)
-                h, _ = model.hidden_states(step, jnp.ones((batch, 1), bool), item_cache)
-                return jax.nn.log_softmax(model.logits_from_hidden(h[:, 0]), axis=-1)  # [B, V]
+                def forward():
+                    step = jnp.broadcast_to(prefix, (batch, 1)).astype(jnp.int32)
+                    h, _ = model.hidden_states(step, jnp.ones((batch, 1), bool), item_cache)
+                    return jax.nn.log_softmax(model.logits_from_hidden(h[:, 0]), axis=-1)  # [B, V]
+
+                # padding slots (-1) skip the forward pass at run time
+                return jax.lax.cond(prefix >= 0, forward, lambda: jnp.zeros_like(logp1))
 
             logp2 = jax.lax.map(after_prefix, prefixes)  # [D, B, V]
             lp_first = logp1[:, first]  # [B, C]
@@ -117,7 +121,11 @@ def build_item_scorer(graphdef: nnx.GraphDef):
             weights = jax.nn.softmax(logp, axis=-1)
             return jnp.sum(weights * value, axis=-1)  # [B]
 
-        return jax.lax.map(one_item, (item_tokens, item_valid, first, second, value, valid, prefixes, is_prefix,
-                                      prefix_slot))
+        def item_or_padding(args):
+            present = jnp.any(args[5])  # a padding item has no valid candidate
+            return jax.lax.cond(present, one_item, lambda _: jnp.zeros((batch,), jnp.float32), args)
+
+        return jax.lax.map(item_or_padding, (item_tokens, item_valid, first, second, value, valid, prefixes,
+                                             is_prefix, prefix_slot))
 
     return score
