@@ -76,7 +76,9 @@ def make_ppo_update(config: PPOConfig):
         vf_loss, vf = clipped_value_loss(vpred, micro["values"], micro["returns"], ~micro["padding_p1"],
                                          config.cliprange_value)
         entropy_mean = masked_mean(entropy, ~micro["padding"])
-        loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_mean
+        loss = pg_loss + config.vf_coef * vf_loss
+        if config.entropy_coef:  # otherwise entropy is a metric only and stays out of the backward pass
+            loss = loss - config.entropy_coef * entropy_mean
         ratio = jnp.exp(new_logprobs - micro["logprobs"])
         return loss, {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
                       "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "val/clipfrac_avg": vf["clipfrac"],
