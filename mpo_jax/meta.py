@@ -205,10 +205,13 @@ class MetaRewardModel:
 
 
 def _is_clean_item(text: str) -> bool:
-    """Generated criteria are data: anything that could break the rubric markup is dropped."""
-    lowered = text.lower()
-    return "<item" not in lowered and "</item" not in lowered and "<rubric" not in lowered \
-        and "</rubric" not in lowered
+    """Generated criteria are data: one that `Rubric` would read as markup (any spelling of an
+    item or rubric tag) is dropped rather than allowed to split or nest items."""
+    try:
+        Rubric(items=(text,))
+    except (RubricError, ValueError):
+        return False
+    return True
 
 
 def _render_items(items: Sequence[str]) -> str:

@@ -214,13 +214,8 @@ def scripted_meta_step(model, records, **kw):
     return mrm.meta_step(RUBRIC, scripted_samples(records), rng=0, **kw)
 
 
-SPACED_TAGS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug in meta._is_clean_item: it looks for '<item'/'</item' literally, but Rubric.parse also reads "
-    "'< / ITEM >' and '< item >' as tags, so such a criterion splits into two items and is accepted"))
 
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=SPACED_TAGS_BUG) if c == "spaced tags" else c
-                                  for c in FORCED])
+@pytest.mark.parametrize("case", list(FORCED))
 def test_broken_mrm_output_keeps_the_previous_rubric(model, records, monkeypatch, case):
     force_replies(monkeypatch, model, FORCED[case])
     result = scripted_meta_step(model, records, step=3)
