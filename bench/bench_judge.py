@@ -6,6 +6,10 @@ same run.
     python bench/bench_judge.py --skip-generate --repeats 3
     python bench/bench_judge.py --markdown-out /tmp/judge.md
 
+On the 2-core CPU the default run takes about 16 minutes: generate mode ~7 (a warm-up call and one
+timed call of ~3 minutes each), logits without reuse ~5, logits with reuse ~4 (a call takes 75-100 s,
+so the warm-up alone is as long as a timed call). `--skip-generate` takes about 9 minutes.
+
 Method
 ------
 * Modes: `generate` (the published item protocol: per item a rationale of up to

@@ -34,6 +34,37 @@ class LayerKV:
 
 
 @struct.dataclass
+class ContextKV:
+    """Keys and values a chunk attends to without writing to them.
+
+    Reading a shared context instead of appending to it keeps one copy of the context for
+    any number of continuations (the judge's rubric prefix, each row's sample under every
+    rubric item). A batch of 1 is broadcast over the rows of the chunk.
+    """
+
+    k: jax.Array  # [L, Bc, S, Hkv, D]
+    v: jax.Array
+    valid: jax.Array  # [Bc, S] bool
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> ContextKV:
+        return cls(k=cache.k, v=cache.v, valid=cache.valid)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def token_count(self) -> jax.Array:
+        """Real tokens per row [Bc]: the rotary position where a following chunk starts."""
+        return jnp.sum(self.valid.astype(jnp.int32), axis=1)
+
+    def concat(self, other: ContextKV) -> ContextKV:
+        """This context followed by `other` (for short chunks: it copies both)."""
+        return ContextKV(k=jnp.concatenate([self.k, other.k], axis=2), v=jnp.concatenate([self.v, other.v], axis=2),
+                         valid=jnp.concatenate([self.valid, other.valid], axis=1))
+
+
+@struct.dataclass
 class KVCache:
     k: jax.Array  # [L, B, S, Hkv, D]
     v: jax.Array  # [L, B, S, Hkv, D]

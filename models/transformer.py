@@ -9,14 +9,16 @@ and rotary positions count only the real tokens of each row.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mpo_jax.models.config import ModelConfig, canonical_param_shapes, lora_param_shapes
-from mpo_jax.models.kv_cache import KVCache
+from mpo_jax.models.kv_cache import ContextKV, KVCache
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LAYER_PARAMS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
@@ -68,6 +70,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def attention_over(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   contexts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Attention of a chunk to read-only contexts and to itself, under one softmax.
+
+    q [B,T,H,D]; the chunk's own k/v [B,T,Hkv,D] with mask [B,T,T]; each context is
+    (k [Bc,S,Hkv,D], v, valid [Bc,S]) with Bc 1 (shared by all rows) or B. Only the score
+    matrices are concatenated, never the keys/values, so a long shared context is read
+    in place.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scale = 1.0 / math.sqrt(d)
+
+    def scores_against(keys, visible):  # visible [B|1, T|1, S]
+        if keys.shape[0] == 1:
+            s = jnp.einsum("btkgd,skd->bkgts", q, keys[0], preferred_element_type=jnp.float32)
+        else:
+            s = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+        return jnp.where(visible[:, None, None, :, :], s * scale, _MASK_VALUE)
+
+    scores = [scores_against(kc, valid[:, None, :]) for kc, _, valid in contexts]
+    scores.append(scores_against(k, mask))
+    widths = [s.shape[-1] for s in scores]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v.dtype)
+    splits = jnp.split(probs, list(itertools.accumulate(widths))[:-1], axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", splits[-1], v)
+    for p, (_, vc, _) in zip(splits[:-1], contexts, strict=True):
+        if vc.shape[0] == 1:
+            out = out + jnp.einsum("bkgts,skd->btkgd", p, vc[0])
+        else:
+            out = out + jnp.einsum("bkgts,bskd->btkgd", p, vc)
     return out.reshape(b, t, h, d)
 
 
@@ -165,25 +202,63 @@ class Transformer(nnx.Module):
         at slots [cache.cursor, cache.cursor + T) and attend to every valid earlier slot.
         `adapters=False` runs the base model of a LoRA model (the PPO reference policy).
         """
-        c = self.config
-        dtype = jnp.dtype(c.dtype)
-        if valid is None:
-            valid = jnp.ones(tokens.shape, bool)
-        valid = valid.astype(bool)
+        valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
         start = jnp.zeros(tokens.shape[:1], jnp.int32) if cache is None else cache.next_position
-        positions = start[:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
-        positions = jnp.maximum(positions, 0)
-
         if cache is None:
             t = tokens.shape[1]
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & valid[:, None, :]
+            mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
         else:
             cache = cache.reserve(valid)
             slots = jnp.arange(cache.capacity)
             query_slots = cache.cursor + jnp.arange(tokens.shape[1])
             mask = (slots[None, :] <= query_slots[:, None])[None] & cache.valid[:, None, :]
 
+        def attend(q, k, v, layer_index, cache_kv, _context):
+            if cache_kv is None:
+                keys, values = k, v
+            else:
+                cache_kv = cache_kv.write_layer(layer_index, k, v)
+                keys, values = cache_kv.layer(layer_index)
+            return attention(q, keys, values, mask), cache_kv, None
+
+        kv = None if cache is None else cache.layers_view()
+        hidden, kv, _ = self._decode_layers(tokens, valid, start, attend, kv, None, adapters)
+        if cache is not None:
+            cache = cache.advance(kv, valid)
+        return hidden, cache
+
+    def hidden_states_over(self, tokens: jax.Array, valid: jax.Array, contexts: Sequence[ContextKV], *,
+                           adapters: bool = True) -> tuple[jax.Array, ContextKV]:
+        """Hidden states of a chunk that reads `contexts` (in order) without writing to them.
+
+        Returns the hidden states [B, T, D] and the chunk's own keys/values as a context, so
+        a later chunk can read it too. Rotary positions continue after the contexts' real tokens.
+        """
+        valid = valid.astype(bool)
+        start = sum((ctx.token_count() for ctx in contexts), jnp.zeros(tokens.shape[:1], jnp.int32))
+        t = tokens.shape[1]
+        own_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+        layer_contexts = tuple((ctx.k, ctx.v) for ctx in contexts)
+        context_valid = tuple(ctx.valid for ctx in contexts)
+
+        def attend(q, k, v, _layer_index, state, context):
+            parts = [(kc, vc, m) for (kc, vc), m in zip(context, context_valid, strict=True)]
+            return attention_over(q, k, v, own_mask, parts), state, (k, v)
+
+        hidden, _, (keys, values) = self._decode_layers(tokens, valid, start, attend, None, layer_contexts,
+                                                       adapters)
+        return hidden, ContextKV(k=keys, v=values, valid=valid)
+
+    def _decode_layers(self, tokens, valid, start, attend, state, layer_xs, adapters):
+        """The decoder blocks under one scan; `attend` decides where keys/values come from and go.
+
+        `attend(q, k, v, layer_index, state, layer_x) -> (out, state, emitted)`: `state` is
+        carried through the layers, `layer_x` is this layer's slice of `layer_xs`, and the
+        stacked `emitted` values are returned.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        positions = jnp.maximum(start[:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         inv_freq = rope_inverse_frequencies(c)
         names = _LAYER_PARAMS + (_BIAS_PARAMS if c.attention_bias else ())
@@ -199,7 +274,7 @@ class Transformer(nnx.Module):
                 y = y + lora_scale * low_rank
             return y
 
-        def block(x, layer_index, p, cache_kv):
+        def block(x, layer_index, p, state, layer_x):
             h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
             q = linear(h, p, "q_proj")
             k = linear(h, p, "k_proj")
@@ -211,28 +286,20 @@ class Transformer(nnx.Module):
             q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions, inv_freq)
             k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions, inv_freq)
             v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-            if cache_kv is None:
-                keys, values = k, v
-            else:
-                cache_kv = cache_kv.write_layer(layer_index, k, v)
-                keys, values = cache_kv.layer(layer_index)
-            out = attention(q, keys, values, mask).reshape(b, t, c.num_heads * c.head_dim)
-            x = x + linear(out, p, "o_proj")
+            out, state, emitted = attend(q, k, v, layer_index, state, layer_x)
+            x = x + linear(out.reshape(b, t, c.num_heads * c.head_dim), p, "o_proj")
             h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
             x = x + linear(jax.nn.silu(linear(h, p, "gate_proj")) * linear(h, p, "up_proj"), p, "down_proj")
-            return x, cache_kv
+            return x, state, emitted
 
         if c.remat:
             block = jax.checkpoint(block, prevent_cse=False)
 
         def scan_body(carry, xs):
-            x, cache_kv = carry
-            layer_index, p = xs
-            x, cache_kv = block(x, layer_index, p, cache_kv)
-            return (x, cache_kv), None
+            x, state = carry
+            layer_index, p, layer_x = xs
+            x, state, emitted = block(x, layer_index, p, state, layer_x)
+            return (x, state), emitted
 
-        kv = None if cache is None else cache.layers_view()
-        (x, kv), _ = jax.lax.scan(scan_body, (x, kv), (jnp.arange(c.num_layers), layer_params))
-        if cache is not None:
-            cache = cache.advance(kv, valid)
-        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), cache
+        (x, state), emitted = jax.lax.scan(scan_body, (x, state), (jnp.arange(c.num_layers), layer_params, layer_xs))
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), state, emitted

@@ -39,6 +39,10 @@ AGGREGATES = ("sum", "mean_normalized")
 ITEM_BUCKETS = (1, 2, 4, 8, 16, 32)
 CANDIDATE_BUCKETS = (8, 16, 32, 64, 100)
 PREFIX_BUCKETS = (1, 2, 4, 10)
+# Row and item-turn lengths of the logits mode, in quarter-octave steps: padding costs at most
+# ~25% of a prefill (power-of-two buckets waste up to half), for a bounded number of shapes.
+LENGTH_BUCKETS = tuple(sorted({16, 32, 48} | {p + q * p // 4 for p in (2 ** e for e in range(6, 14))
+                                               for q in range(4)}))
 _RANGE = re.compile(r"(?<![\d.])(\d{1,2})\s*(?:-|–|—|to)\s*(\d{1,2})(?![\d.])")
 
 
@@ -53,6 +57,17 @@ def item_score_range(item: str, default: tuple[int, int] = (0, 5)) -> tuple[int,
         if lo < hi <= 99:
             return lo, hi
     return default
+
+
+def item_reminder(item: str, max_words: int | None) -> str:
+    """The item's first line cut to `max_words` words ("..." when cut); None keeps the whole item."""
+    if max_words is None:
+        return item
+    words = item.strip().splitlines()[0].split() if item.strip() else []
+    if len(words) <= max_words and "\n" not in item.strip():
+        return " ".join(words)
+    cut = " ".join(words[:max_words])
+    return f"{cut} ... (full text in the rubric above)" if cut else "(see its full text in the rubric above)"
 
 
 @dataclasses.dataclass
@@ -70,7 +85,9 @@ class Judge:
     def __init__(self, model: LanguageModel, *, task: str | Task, mode: str = "logits",
                  max_rubric_tokens: int = 1024, aggregate: str = "sum", default_range: tuple[int, int] = (0, 5),
                  reuse_prefix: bool = True, rationale_tokens: int = 128, temperature: float = 0.0,
-                 max_items: int = 16, math_llm_probability: float = 0.5, seed: int = 0):
+                 max_items: int = 16, math_llm_probability: float = 0.5, seed: int = 0,
+                 item_reminder_words: int | None = 12, item_turn_tokens: int = 64,
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS):
         if mode not in MODES:
             raise ValueError(f"judge mode must be one of {MODES}, got {mode!r}")
         if aggregate not in AGGREGATES:
@@ -83,6 +100,16 @@ class Judge:
         self.max_rubric_tokens, self.default_range = max_rubric_tokens, default_range
         self.reuse_prefix, self.rationale_tokens, self.temperature = reuse_prefix, rationale_tokens, temperature
         self.max_items = bucket(max_items, ITEM_BUCKETS, "max_items")
+        if item_reminder_words is not None and item_reminder_words < 0:
+            raise ValueError("item_reminder_words must be >= 0 (words of the item repeated in its turn) or None "
+                             "(the whole item)")
+        # The item's text is in the rubric prefix already; its logits-mode turn names it by number
+        # plus its first words, so per-row item turns stay short (they are prefilled for every row).
+        self.item_reminder_words = item_reminder_words
+        # Item turns are padded to at least `item_turn_tokens`, so a new rubric whose turns still
+        # fit reuses the compiled scorer.
+        self.item_turn_tokens = item_turn_tokens
+        self.length_buckets = tuple(sorted(length_buckets))
         self.rubric: Rubric | None = None
         # MATH: each sample is judged by the answer check or, with this probability, by the LLM's
         # plan-then-execute program; `guidelines` maps a subject id to its guideline text.
@@ -183,7 +210,8 @@ class Judge:
 
     def _logits_item_turn(self, index: int, item: str) -> list[dict]:
         lo, hi = item_score_range(item, self.default_range)
-        content = (f"Rubric item #{index + 1}:\n{item}\n\n{self.task.item_score_request()} "
+        content = (f"Rubric item #{index + 1}:\n{item_reminder(item, self.item_reminder_words)}\n\n"
+                   f"{self.task.item_score_request()} "
                    f"Answer with one integer from {lo} to {hi}.")
         return [{"role": "user", "content": content}]
 
@@ -210,8 +238,9 @@ class Judge:
         sampler = self.model.sampler
         samples, items = self._deltas(rows)
         batch = sampler.padded_batch(len(rows))
-        sample_len = bucket(max(len(s) for s in samples), sampler.prompt_buckets, "judged sample (tokens)")
-        item_len = bucket(max(len(t) for r in items for t in r), sampler.prompt_buckets, "rubric item turn (tokens)")
+        sample_len = bucket(max(len(s) for s in samples), self.length_buckets, "judged sample (tokens)")
+        item_len = bucket(max(self.item_turn_tokens, *(len(t) for r in items for t in r)), self.length_buckets,
+                          "rubric item turn (tokens)")
         k = self.max_items
         sample_tokens, sample_valid = _left_pad(samples, batch, sample_len, self.model.tokenizer.pad_id)
         item_tokens = np.full((k, batch, item_len), self.model.tokenizer.pad_id, np.int32)
@@ -227,7 +256,7 @@ class Judge:
         tables = judge_engine.candidate_tables(ranges, self._encode_number, k,
                                                bucket(widest, CANDIDATE_BUCKETS, "score range size"),
                                                bucket(max(starts, 1), PREFIX_BUCKETS, "two-token score prefixes"))
-        capacity = self.max_rubric_tokens + sample_len + item_len + 1
+        capacity = self.max_rubric_tokens
         # Without reuse every row prefills the rubric prefix itself, as a plain judge would.
         prefix = self._prefix(capacity) if self.reuse_prefix else self._prefix(capacity, batch)
         expected = self._score_items(self.model.params, prefix, jnp.asarray(sample_tokens), jnp.asarray(sample_valid),

@@ -2,8 +2,8 @@
 
 The rubric prefix (system turn + rubric) is prefilled once per rubric version into a batch-1
 KV cache from a token array padded to a fixed length, so a new rubric is new data, not a new
-program. Scoring a batch tiles that cache over the rows, prefills each row's material once,
-then for every rubric item prefills only the item's short turn on top and reads the
+program. Scoring a batch reads that cache in place from every row, prefills each row's material
+once, then for every rubric item prefills only the item's short turn on top and reads the
 next-token distribution where the score would be written.
 
 Scores are whole numbers written as token sequences; with digit-by-digit tokenizers "10" is
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mpo_jax.models.kv_cache import KVCache
+from mpo_jax.models.kv_cache import ContextKV, KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,28 +88,33 @@ def build_prefix_prefill(graphdef: nnx.GraphDef):
 
 
 def build_item_scorer(graphdef: nnx.GraphDef):
-    """(params, prefix cache, rows, items, candidate tables) -> expected scores [K, B]."""
+    """(params, prefix cache, rows, items, candidate tables) -> expected scores [K, B].
+
+    The rubric prefix and each row's sample are read in place (`hidden_states_over`): no item
+    writes into, or copies, the long shared context; only the item turn's own keys/values
+    are kept for the second digit of two-token scores.
+    """
 
     def score(params, prefix_cache, sample_tokens, sample_valid, item_tokens, item_valid, digit_mask,
               first, second, value, valid, prefixes, is_prefix, prefix_slot):
         model = nnx.merge(graphdef, params)
         batch = sample_tokens.shape[0]
-        cache = prefix_cache if prefix_cache.batch_size == batch else tile_cache(prefix_cache, batch)
-        _, cache = model.hidden_states(sample_tokens, sample_valid, cache)
+        prefix = ContextKV.from_cache(prefix_cache)
+        _, sample = model.hidden_states_over(sample_tokens, sample_valid, (prefix,))
 
         def one_item(args):
             tokens, tok_valid, first, second, value, valid, prefixes, is_prefix, slot = args
-            hidden, item_cache = model.hidden_states(tokens, tok_valid, cache)
+            hidden, item = model.hidden_states_over(tokens, tok_valid, (prefix, sample))
             logp1 = jax.nn.log_softmax(model.logits_from_hidden(hidden[:, -1]), axis=-1)  # [B, V]
 
-            def after_prefix(prefix):
+            def after_prefix(prefix_token):
                 def forward():
-                    step = jnp.broadcast_to(prefix, (batch, 1)).astype(jnp.int32)
-                    h, _ = model.hidden_states(step, jnp.ones((batch, 1), bool), item_cache)
+                    step = jnp.broadcast_to(prefix_token, (batch, 1)).astype(jnp.int32)
+                    h, _ = model.hidden_states_over(step, jnp.ones((batch, 1), bool), (prefix, sample, item))
                     return jax.nn.log_softmax(model.logits_from_hidden(h[:, 0]), axis=-1)  # [B, V]
 
                 # padding slots (-1) skip the forward pass at run time
-                return jax.lax.cond(prefix >= 0, forward, lambda: jnp.zeros_like(logp1))
+                return jax.lax.cond(prefix_token >= 0, forward, lambda: jnp.zeros_like(logp1))
 
             logp2 = jax.lax.map(after_prefix, prefixes)  # [D, B, V]
             lp_first = logp1[:, first]  # [B, C]

@@ -36,7 +36,7 @@ def model(tmp_path_factory):
 
 
 def make_judge(model, **kw):
-    return Judge(model, task=TASK, max_rubric_tokens=256, max_items=4, **kw)
+    return Judge(model, task=TASK, max_rubric_tokens=256, max_items=4, **{"item_turn_tokens": 128, **kw})
 
 
 def log_softmax(x):

@@ -8,7 +8,7 @@ from flax import nnx
 from reference_numpy import forward_row
 from tiny import numpy_config, random_params, tiny_config
 
-from mpo_jax.models.kv_cache import KVCache
+from mpo_jax.models.kv_cache import ContextKV, KVCache
 from mpo_jax.models.params import flat_from_state, state_from_flat
 
 
@@ -63,6 +63,43 @@ def test_padding_inside_a_cached_chunk_is_ignored():
     chunk = jnp.pad(seq[:, 4:], ((0, 0), (2, 0)))
     out, _ = model(chunk, jnp.asarray([[0, 0] + [1] * 5], bool), cache)
     np.testing.assert_allclose(np.asarray(out[0, 2:]), np.asarray(full[0, 4:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_chunks_reading_shared_contexts_match_the_numpy_forward_of_the_whole_sequence(arch):
+    """A batch-1 prefix read by every row, then padded per-row chunks read in place, then one step."""
+    config = tiny_config(arch)
+    params = random_params(config, seed=5)
+    model = build(config, params)
+    rng = np.random.default_rng(3)
+    draw = lambda n: rng.integers(0, config.vocab_size, n).astype(np.int32)  # noqa: E731
+    prefix_ids = draw(5)
+    cache = KVCache.create(config, 1, 8)  # 3 padding slots before the prefix
+    _, cache = model(jnp.asarray(np.pad(prefix_ids, (3, 0))[None]), jnp.asarray([[0] * 3 + [1] * 5], bool), cache)
+    samples, items, steps = [draw(4), draw(6)], [draw(3), draw(2)], draw(2)
+
+    def left_pad(rows, width):
+        tokens = np.zeros((len(rows), width), np.int32)
+        valid = np.zeros((len(rows), width), bool)
+        for i, row in enumerate(rows):
+            tokens[i, width - len(row):], valid[i, width - len(row):] = row, True
+        return jnp.asarray(tokens), jnp.asarray(valid)
+
+    prefix = ContextKV.from_cache(cache)
+    hidden_s, sample = model.hidden_states_over(*left_pad(samples, 6), (prefix,))
+    hidden_i, item = model.hidden_states_over(*left_pad(items, 4), (prefix, sample))
+    hidden_t, _ = model.hidden_states_over(jnp.asarray(steps[:, None]), jnp.ones((2, 1), bool), (prefix, sample, item))
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    for row in range(2):
+        whole = np.concatenate([prefix_ids, samples[row], items[row], steps[row:row + 1]])
+        expected = forward_row(p64, numpy_config(config), whole)
+        n_s, n_i = len(samples[row]), len(items[row])
+        got_s = model.logits_from_hidden(hidden_s[row, 6 - n_s:])
+        got_i = model.logits_from_hidden(hidden_i[row, 4 - n_i:])
+        got_t = model.logits_from_hidden(hidden_t[row])
+        np.testing.assert_allclose(np.asarray(got_s), expected[5:5 + n_s], atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(np.asarray(got_i), expected[5 + n_s:5 + n_s + n_i], atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(np.asarray(got_t), expected[-1:], atol=2e-4, rtol=2e-4)
 
 
 def test_value_head_is_a_linear_read_of_the_final_hidden_state():
