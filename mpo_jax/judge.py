@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpo_jax import chat_session, judge_engine
+from mpo_jax import sharding as sharding_lib
 from mpo_jax.language_model import Conversation, LanguageModel
 from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.rubric import Rubric
@@ -262,7 +263,7 @@ class Judge:
         expected = self._score_items(self.model.params, prefix, jnp.asarray(sample_tokens), jnp.asarray(sample_valid),
                                      jnp.asarray(item_tokens), jnp.asarray(item_valid), jnp.asarray(self._digit_mask),
                                      *(jnp.asarray(getattr(tables, f.name)) for f in dataclasses.fields(tables)))
-        expected = np.asarray(jax.device_get(expected))[:len(self.rubric.items), :len(rows)]
+        expected = sharding_lib.to_host(expected)[:len(self.rubric.items), :len(rows)]
         return [JudgeResult(score=self._aggregate(expected[:, r].tolist()), item_scores=expected[:, r].tolist(),
                             rationales=[], parse_failures=0, rule=None) for r in range(len(rows))]
 

@@ -136,16 +136,16 @@ class LanguageModel:
         """
         if len(new_messages) != len(conversation.messages):
             raise ValueError(f"got {len(new_messages)} new messages for {len(conversation.messages)} chats")
-        histories, deltas, contexts = [], [], []
-        for history, context, new in zip(conversation.messages, conversation.context, new_messages):
-            history = history + ([new] if isinstance(new, dict) else list(new))
-            full = self.render(history)
-            if not full.startswith(context):
-                raise ValueError("the chat template does not extend the previous turn's text; "
-                                 "start a new chat with `chat` instead")
-            histories.append(history)
-            deltas.append(self.tokenizer.encode(full[len(context):], add_bos=False))
-            contexts.append(full)
+        histories = [history + ([new] if isinstance(new, dict) else list(new))
+                     for history, new in zip(conversation.messages, new_messages, strict=True)]
+        fulls = [self.render(history) for history in histories]
+        if not all(full.startswith(context) for full, context in zip(fulls, conversation.context, strict=True)):
+            # A reply with special tokens in it (dropped from the history's text) does not
+            # re-render as cached: prefill these conversations afresh instead.
+            return self.chat(histories, params, constraint)
+        deltas = [self.tokenizer.encode(full[len(context):], add_bos=False)
+                  for full, context in zip(fulls, conversation.context, strict=True)]
+        contexts = fulls
         out = self.sampler.continue_(conversation.state, deltas, params, constraint)
         return self._record(out, histories, contexts)
 

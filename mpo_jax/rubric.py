@@ -420,6 +420,28 @@ class RubricHistory:
         _atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=True) + "\n")
         return path
 
+    def to_json(self) -> dict[str, Any]:
+        """Everything `save` writes, as one JSON value (a checkpoint carries it)."""
+        return {"format": HISTORY_FORMAT, "limits": dataclasses.asdict(self.limits),
+                "versions": [rubric.render() for rubric in self._versions],
+                "events": [dict(event.to_json(), raw=event.raw) for event in self._events]}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> RubricHistory:
+        """The history `to_json` described; every version is re-parsed and re-validated."""
+        if payload.get("format") != HISTORY_FORMAT:
+            raise RubricError(f"unknown rubric history format {payload.get('format')!r}, expected {HISTORY_FORMAT!r}")
+        history = cls(limits=RubricLimits(**payload["limits"]))
+        texts = iter(payload["versions"])
+        for item in payload["events"]:
+            event = dataclasses.replace(HistoryEvent.from_json(item), raw=item.get("raw"))
+            if event.accepted:
+                history._versions.append(Rubric.parse(next(texts), limits=history.limits, iteration=event.iteration,
+                                                      parent=event.parent, created_step=event.created_step,
+                                                      task=event.task))
+            history._events.append(event)
+        return history
+
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, limits: RubricLimits | None = None) -> RubricHistory:
         """Read a history written by `save`; the rubric files are re-parsed and re-validated."""

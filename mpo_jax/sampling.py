@@ -327,7 +327,8 @@ class Sampler:
                      jnp.float32(params.temperature), jnp.float32(params.top_p),
                      jnp.int32(params.max_new_tokens), self._put(active), jnp.asarray(stop_ids),
                      jnp.asarray(stop_seqs), jnp.asarray(allowed), jnp.asarray(next_state))
-        out_tokens, logps, mask, finished, cache, steps = jax.device_get(out[:4]) + out[4:]
+        out_tokens, logps, mask, finished = (sharding_lib.to_host(x) for x in out[:4])
+        cache, steps = out[4:]
         steps = int(steps)
         new_state = GenerationState(cache=cache, cursor=state.cursor + prompt_len + steps, num_rows=rows)
         cached_mask = mask[:rows]

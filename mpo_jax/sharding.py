@@ -117,3 +117,12 @@ def place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Host array -> global jax.Array; each device receives only its own shard."""
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on this process; gathered from all hosts when split across them."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

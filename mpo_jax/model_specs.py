@@ -1,0 +1,48 @@
+"""Building the run's models (policy, critic, judge, meta model) from their config specs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.sharding import Mesh
+
+from mpo_jax import presets
+from mpo_jax.config import ConfigError, ModelSpec, RemoteSpec
+from mpo_jax.language_model import LanguageModel, from_random, load_model
+
+TINY = "tiny-random"
+
+
+def check_model_available(spec: ModelSpec, key: str) -> None:
+    """Fail before anything compiles when a model cannot be found (no download is attempted)."""
+    if spec.name == TINY:
+        return
+    try:
+        presets.resolve(spec.name)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"config.{key}.name = {spec.name!r}: {err} (or {TINY!r} for a tiny random model)") from None
+
+
+def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False, trainable: bool = False,
+                **sampler_kwargs: Any) -> LanguageModel:
+    """A `LanguageModel` for `spec`; LoRA adapters only for trainable models with lora_rank > 0."""
+    lora_rank = spec.lora_rank if trainable else 0
+    if spec.name == TINY:
+        from mpo_jax.tiny import tiny_model_config, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer(spec.tiny_vocab_size)
+        config = tiny_model_config(tokenizer, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
+                                   dtype=spec.dtype, param_dtype=spec.dtype, remat=spec.remat, value_head=value_head,
+                                   lora_rank=lora_rank, lora_alpha=spec.lora_alpha,
+                                   lora_targets=tuple(spec.lora_targets))
+        return from_random(config, tokenizer, seed=spec.seed, mesh=mesh, **sampler_kwargs)
+    return load_model(spec.name, dtype=spec.dtype, mesh=mesh, value_head=value_head, remat=spec.remat,
+                      lora_rank=lora_rank, lora_alpha=spec.lora_alpha, lora_targets=tuple(spec.lora_targets),
+                      **sampler_kwargs)
+
+
+def build_remote(spec: RemoteSpec):
+    from mpo_jax.backends.remote import RemoteChatModel
+
+    return RemoteChatModel(spec.base_url, spec.model, api_key_env=spec.api_key_env or None,
+                           timeout_s=spec.timeout_s, max_retries=spec.max_retries, max_concurrency=spec.concurrency)

@@ -1,0 +1,364 @@
+"""The MPO loop: rollouts, judge scores, PPO/GRPO updates, and meta steps that rewrite the rubric.
+
+    for update in 1..N:
+        prompts  <- data iterator (per process, gathered into the global batch)
+        rollouts <- policy sampler (current params)
+        stats    <- old/ref log-probs and values          (jit)
+        scores   <- judge(rubric tokens as an array input) (jit, rubric prefix cached)
+        state    <- ppo_update(state, batch, rng)          (jit, explicit shardings, donated)
+        buffer   += rollouts
+        every meta.interval updates: rubric <- meta step (MRM, compiled separately); judge.set_rubric
+        checkpoint every checkpoint.every updates and on SIGTERM
+
+Randomness is derived from (seed, update), so a resumed run repeats exactly what the
+uninterrupted run would have done. Only process 0 writes files; all processes run the same
+jitted calls and install the same rubric (process 0's, broadcast).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mpo_jax import distributed
+from mpo_jax import sharding as sharding_lib
+from mpo_jax.checkpoint import Checkpointer, PreemptionGuard
+from mpo_jax.config import ConfigError, TrainConfig, to_dict
+from mpo_jax.data import PromptIterator, prepare_task_source
+from mpo_jax.judge import Judge, RubricTooLongError
+from mpo_jax.meta import MetaRewardModel, MetaSample
+from mpo_jax.metrics import MetricsWriter
+from mpo_jax.model_specs import build_model, build_remote, check_model_available
+from mpo_jax.rl import (
+    RolloutBatch,
+    check_finite,
+    compile_rollout_stats,
+    compile_update,
+    create_train_state,
+    make_grpo_update,
+    make_ppo_update,
+    make_rollout_stats,
+    place_batch,
+    place_state,
+)
+from mpo_jax.rollout import Rollouts, sample_rollouts
+from mpo_jax.rubric import Rubric, RubricError, RubricHistory
+from mpo_jax.tasks import get_task
+
+_LOG = logging.getLogger(__name__)
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def check_resources(config: TrainConfig) -> None:
+    """What can fail without compiling: devices for the mesh, model files, data files."""
+    devices = jax.device_count()
+    size = math.prod(config.mesh)
+    if devices % size or (size < devices and jax.process_count() > 1):
+        raise ConfigError(f"config.mesh = {config.mesh} uses {size} devices but {devices} are available; choose "
+                          f"(data, fsdp, tensor) sizes whose product is {devices}"
+                          + (" (or divides it, on one host)" if jax.process_count() == 1 else ""))
+    check_model_available(config.policy, "policy")
+    if config.critic.name:
+        check_model_available(config.critic, "critic")
+    if not config.judge.remote.base_url:
+        check_model_available(config.judge.model, "judge.model")
+    if config.meta.enabled and config.meta.model.name and not config.meta.remote.base_url:
+        check_model_available(config.meta.model, "meta.model")
+    task = get_task(config.task)
+    data_dir = Path(config.data.data_dir) if config.data.data_dir else None
+    if config.data.source == "jsonl":
+        from mpo_jax.tasks.data import default_data_dir
+
+        path = (data_dir or default_data_dir()) / task.data_folder / f"{config.data.split}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"config.data.data_dir: no {task.name} data at {path}; set --config.data.data_dir=DIR "
+                              f"to the folder that holds {task.data_folder}/{config.data.split}.jsonl")
+    initial = config.judge.initial_rubric
+    if initial not in task.initial_rubrics and not Path(initial).is_file():
+        raise ConfigError(f"config.judge.initial_rubric = {initial!r} is neither one of this task's rubrics "
+                          f"({', '.join(task.initial_rubrics)}) nor a rubric file")
+
+
+def make_run_mesh(config: TrainConfig):
+    size = math.prod(config.mesh)
+    if size == 1:
+        return None
+    return sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:size])
+
+
+def initial_rubric(config: TrainConfig) -> Rubric:
+    task = get_task(config.task)
+    name = config.judge.initial_rubric
+    if name in task.initial_rubrics:
+        return task.initial_rubrics[name]
+    return Rubric.parse(Path(name).read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+
+
+class Trainer:
+    """One MPO (or fixed-rubric PPO/GRPO) run, resumable from its run directory."""
+
+    def __init__(self, config: TrainConfig):
+        check_resources(config)
+        self.config = config
+        self.task = get_task(config.task)
+        self.run_dir = Path(config.run_dir)
+        self.is_main = distributed.is_main()
+        self.mesh = make_run_mesh(config)
+        self.grpo = config.algorithm == "grpo"
+        self.update_config = config.update_config
+        self.rollouts_per_update = config.rollouts_per_update
+
+        separate_critic = bool(config.critic.name) and not self.grpo
+        self.policy = build_model(config.policy, self.mesh, value_head=not self.grpo and not separate_critic,
+                                  trainable=True)
+        critic = build_model(config.critic, self.mesh, value_head=True, trainable=True) if separate_critic else None
+        self.judge_model = (build_remote(config.judge.remote) if config.judge.remote.base_url
+                            else build_model(config.judge.model, self.mesh))
+        if config.meta.remote.base_url:
+            meta_model = build_remote(config.meta.remote)
+        elif config.meta.model.name and config.meta.model != config.judge.model:
+            meta_model = build_model(config.meta.model, self.mesh)
+        else:
+            meta_model = self.judge_model
+
+        self.judge = Judge(self.judge_model, task=self.task, mode=config.judge.mode,
+                           max_rubric_tokens=config.judge.max_rubric_tokens, aggregate=config.judge.aggregate,
+                           rationale_tokens=config.judge.rationale_tokens, max_items=config.judge.max_items,
+                           item_turn_tokens=config.judge.item_turn_tokens, seed=config.seed)
+        m = config.meta
+        self.mrm = MetaRewardModel(meta_model, task=self.task, num_samples=m.num_samples, prescreen=m.prescreen,
+                                   analysis_words=m.analysis_words, item_words=m.item_words,
+                                   analysis_tokens=m.analysis_tokens, item_tokens=m.item_tokens,
+                                   max_items=m.max_items, merge_words=m.merge_words, temperature=m.temperature)
+        self.history = RubricHistory(initial_rubric(config), reason="initial rubric")
+        self.judge.set_rubric(self.history.current)
+        self.buffer: list[MetaSample] = []
+
+        tfds_dir = config.data.tfds_dir or str(self.run_dir / "tfds")
+        self.source = prepare_task_source(self.task.name, config.data.split, data_dir=config.data.data_dir or None,
+                                          tfds_dir=tfds_dir, source=config.data.source)
+        processes = jax.process_count()
+        if config.data.batch_size % processes:
+            raise ConfigError(f"config.data.batch_size = {config.data.batch_size} must be a multiple of the "
+                              f"{processes} processes")
+        self.iterator = PromptIterator(self.source, self.encode_record, batch_size=config.data.batch_size // processes,
+                                       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
+                                       shuffle=config.data.shuffle, process_index=jax.process_index(),
+                                       process_count=processes)
+
+        self.state = place_state(create_train_state(self.policy, critic, self.update_config.optimizer,
+                                                    needs_values=not self.grpo), self.mesh)
+        self.rollout_stats = compile_rollout_stats(make_rollout_stats(self.update_config.temperature), self.state,
+                                                   self.mesh)
+        update_fn = make_grpo_update(self.update_config) if self.grpo else make_ppo_update(self.update_config)
+        self.update_step = compile_update(update_fn, self.state, self.mesh)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", save_every=config.checkpoint.every,
+                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        self.update = 0  # updates completed
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def encode_record(self, record: dict) -> list[int]:
+        return self.policy.encode_prompt(self.task.policy_prompt(record))
+
+    def _sync_policy_params(self) -> None:
+        """Point the sampler at the current weights (the update donates the previous buffers)."""
+        module = self.state.policy.merge(self.state.params["policy"])
+        params = nnx.state(module)
+        self.policy.params = params
+        self.policy.sampler.params = params
+
+    def _global_prompts(self) -> tuple[list[dict], list[list[int]]]:
+        local = self.iterator.next()
+        indices = distributed.gather_rows(np.asarray(local.indices, np.int64))
+        records = [self.source[int(i)] for i in indices]
+        prompt_ids = [self.encode_record(r) for r in records]
+        if self.grpo:
+            g = self.config.grpo.group_size
+            records = [r for r in records for _ in range(g)]
+            prompt_ids = [p for p in prompt_ids for _ in range(g)]
+        return records, prompt_ids
+
+    def _judge(self, rollouts: Rollouts, update: int) -> tuple[np.ndarray, list]:
+        self.judge._rng = np.random.default_rng([self.config.seed, update, 1])
+        results = self.judge.score_detailed(rollouts.records, rollouts.texts)
+        return np.array([r.score for r in results], np.float32), results
+
+    def _batch(self, rollouts: Rollouts, scores: np.ndarray) -> RolloutBatch:
+        put = (lambda x: sharding_lib.place(x, sharding_lib.batch_sharding(self.mesh, x.shape))) if self.mesh \
+            else jax.numpy.asarray
+        stats = self.rollout_stats(self.state, put(rollouts.query), put(rollouts.query_mask), put(rollouts.response),
+                                   put(rollouts.response_mask))
+        stats = {k: sharding_lib.to_host(v) for k, v in stats.items()}
+        return place_batch(RolloutBatch(query=rollouts.query, query_mask=rollouts.query_mask,
+                                        response=rollouts.response, response_mask=rollouts.response_mask,
+                                        logprobs=stats["logprobs"], ref_logprobs=stats["ref_logprobs"],
+                                        values=stats["values"], scores=scores, contains_eos=rollouts.contains_eos),
+                           self.mesh)
+
+    def _meta_step(self, update: int) -> dict[str, float]:
+        start = time.perf_counter()
+        rubric = self.history.current
+        result = self.mrm.meta_step(rubric, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
+                                    step=update)
+        text = distributed.broadcast_text(result.rubric.render() if result.accepted else "")
+        accepted = False
+        if text:
+            try:
+                candidate = Rubric.parse(text, limits=self.history.limits, task=self.task.name)
+                self.judge.set_rubric(candidate)
+                self.history.append(candidate, reason=result.reason, created_step=update)
+                self.judge.set_rubric(self.history.current)
+                accepted = True
+            except (RubricError, RubricTooLongError) as err:
+                self.judge.set_rubric(rubric)
+                self.history.reject(text, reason="the judge cannot take the new rubric", error=str(err),
+                                    created_step=update)
+        else:
+            self.history.reject(result.merged_text or None, reason="meta step kept the rubric", error=result.reason,
+                                created_step=update)
+        _LOG.info("update %d: meta step %s", update, f"installed rubric iteration {self.history.current.iteration}"
+                  if accepted else f"kept the rubric ({result.reason})")
+        if self.is_main:
+            result.save(self.run_dir, update, self.buffer)
+            self.history.save(self.run_dir)
+        self.buffer = []
+        return {"meta/step": 1.0, "meta/accepted": float(accepted), "time/meta_s": time.perf_counter() - start}
+
+    def _host_state(self) -> dict[str, Any]:
+        return {"update": self.update, "data": self.iterator.get_state(), "rubric_history": self.history.to_json(),
+                "meta_buffer": [{"record": s.record, "response": s.response, "score": s.score,
+                                 "rationales": list(s.rationales)} for s in self.buffer]}
+
+    def _restore(self) -> None:
+        latest = self.checkpointer.latest_update()
+        if latest is None:
+            return
+        self.state, host = self.checkpointer.restore(latest, self.state)
+        self.update = int(host["update"])
+        self.iterator.set_state(host["data"])
+        self.history = RubricHistory.from_json(host["rubric_history"])
+        self.judge.set_rubric(self.history.current)
+        self.buffer = [MetaSample(record=s["record"], response=s["response"], score=float(s["score"]),
+                                  rationales=tuple(s["rationales"])) for s in host["meta_buffer"]]
+        _LOG.info("resumed from update %d (rubric iteration %d)", self.update, self.history.current.iteration)
+
+    def _write_rollouts(self, update: int, rollouts: Rollouts, scores: np.ndarray) -> None:
+        count = min(self.config.log.rollouts_per_update, len(rollouts.texts))
+        with (self.run_dir / ROLLOUTS_FILE).open("a", encoding="utf-8") as handle:
+            for i in range(count):
+                handle.write(json.dumps({"update": update, "prompt": self.task.prompt_text(rollouts.records[i]),
+                                         "response": rollouts.texts[i], "score": float(scores[i]),
+                                         "rubric_iteration": self.history.current.iteration},
+                                        ensure_ascii=False) + "\n")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_step(self, update: int) -> dict[str, float]:
+        """Update number `update` (1-based): rollouts, scores, one PPO/GRPO update."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        records, prompt_ids = self._global_prompts()
+        self._sync_policy_params()
+        rollouts = sample_rollouts(self.policy, records, prompt_ids, query_length=cfg.data.max_prompt_tokens,
+                                   max_new_tokens=cfg.rollout.max_new_tokens,
+                                   temperature=self.update_config.temperature, top_p=cfg.rollout.top_p,
+                                   top_k=cfg.rollout.top_k, seed=cfg.seed * 1_000_003 + update)
+        t1 = time.perf_counter()
+        scores, results = self._judge(rollouts, update)
+        t2 = time.perf_counter()
+        batch = self._batch(rollouts, scores)
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), update)
+        self.state, metrics = self.update_step(self.state, batch, rng)
+        metrics = check_finite(metrics, update, self.update_config.on_nonfinite)
+        t3 = time.perf_counter()
+        self.buffer.extend(MetaSample(record=r, response=t, score=float(s), rationales=tuple(res.rationales))
+                           for r, t, s, res in zip(rollouts.records, rollouts.texts, scores, results, strict=True))
+        self.buffer = self.buffer[-cfg.meta.buffer_size:]
+        lengths = rollouts.response_lengths
+        tokens = int(rollouts.query_mask.sum() + lengths.sum())
+        rubric = self.history.current
+        metrics.update({
+            "score/mean": float(np.mean(scores)), "score/std": float(np.std(scores)),
+            "response/length_mean": float(np.mean(lengths)), "response/eos_rate": float(np.mean(rollouts.contains_eos)),
+            "judge/parse_failures": float(sum(r.parse_failures for r in results)),
+            "judge/rule_scored": float(sum(r.rule is not None for r in results)),
+            "rubric/iteration": float(rubric.iteration), "rubric/items": float(len(rubric.items)),
+            "rubric/tokens": float(len(self.policy.tokenizer.encode(rubric.render(), add_bos=False))),
+            "time/rollout_s": t1 - t0, "time/judge_s": t2 - t1, "time/update_s": t3 - t2,
+            "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9),
+        })
+        if self.is_main:
+            self._write_rollouts(update, rollouts, scores)
+        return metrics
+
+    def run(self) -> dict[str, float]:
+        """Train to `num_updates` (resuming from the latest checkpoint); returns the last metrics."""
+        cfg = self.config
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        self._restore()
+        if self.is_main and self.update == 0:
+            self.history.save(self.run_dir)
+            (self.run_dir / ROLLOUTS_FILE).unlink(missing_ok=True)
+        if self.is_main and self.update > 0:
+            _truncate_rollouts(self.run_dir / ROLLOUTS_FILE, self.update)
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main,
+                               resume_from_update=self.update + 1 if self.update else None,
+                               total_updates=cfg.num_updates, tensorboard=cfg.log.tensorboard,
+                               progress=cfg.log.progress)
+        last: dict[str, float] = {}
+        with writer, PreemptionGuard() as guard:
+            while self.update < cfg.num_updates:
+                update = self.update + 1
+                metrics = self.train_step(update)
+                if cfg.meta.enabled and update % cfg.meta.interval == 0:
+                    metrics.update(self._meta_step(update))
+                    writer.write_rubric(self.history.current, update)
+                self.update = update
+                writer.write(update, metrics)
+                last = metrics
+                stop = guard.should_stop(update)
+                self.checkpointer.save(update, self.state, self._host_state(),
+                                       force=stop or update == cfg.num_updates)
+                if stop:
+                    _LOG.warning("SIGTERM: saved update %d and stopping", update)
+                    break
+        self.checkpointer.close()
+        if self.is_main and cfg.log.report and self.update == cfg.num_updates:
+            from mpo_jax.report import write_report
+
+            write_report(self.run_dir)
+        return last
+
+
+def _truncate_rollouts(path: Path, last_update: int) -> None:
+    """Drop rollout lines written after the checkpoint a resumed run starts from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _line_update(line) <= last_update]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _line_update(line: str) -> int:
+    try:
+        return int(json.loads(line)["update"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    return Trainer(config).run()
+
+
+__all__ = ["Trainer", "check_resources", "train"]
