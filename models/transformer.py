@@ -9,7 +9,7 @@ and rotary positions count only the real tokens of each row.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from collections.abc import Sequence
 
@@ -75,37 +75,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 def attention_over(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                    contexts: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """Attention of a chunk to read-only contexts and to itself, under one softmax.
+    """Attention of a chunk to read-only contexts and to itself, as one softmax over all of them.
 
     q [B,T,H,D]; the chunk's own k/v [B,T,Hkv,D] with mask [B,T,T]; each context is
-    (k [Bc,S,Hkv,D], v, valid [Bc,S]) with Bc 1 (shared by all rows) or B. Only the score
-    matrices are concatenated, never the keys/values, so a long shared context is read
-    in place.
+    (k [Bc,S,Hkv,D], v, valid [Bc,S]) with Bc 1 (shared by all rows) or B. Each part is
+    attended separately and the parts are merged by their log-sum-exp statistics, so no
+    keys, values or score matrices are concatenated.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scale = 1.0 / math.sqrt(d)
+    groups = h // kv_heads
+    q = q.reshape(b, t, kv_heads, groups, d) * (1.0 / math.sqrt(d))
 
-    def scores_against(keys, visible):  # visible [B|1, T|1, S]
-        if keys.shape[0] == 1:
-            s = jnp.einsum("btkgd,skd->bkgts", q, keys[0], preferred_element_type=jnp.float32)
-        else:
-            s = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-        return jnp.where(visible[:, None, None, :, :], s * scale, _MASK_VALUE)
+    def part(keys, values, visible):  # visible [B|1, T|1, S] -> (max, sum, unnormalised out) per query
+        # A shared (batch-1) context is broadcast per layer: [B, S, Hkv, D] of one layer is
+        # small, and batched matmuls run faster on it than on the query rows folded together.
+        keys, values = (jnp.broadcast_to(x, (b, *x.shape[1:])) for x in (keys, values))
+        s = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+        s = jnp.where(visible[:, None, None, :, :], s, _MASK_VALUE)
+        peak = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - peak)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        out = jnp.einsum("bkgts,bskd->bkgtd", p.astype(values.dtype), values)
+        return peak, total, out.astype(jnp.float32)
 
-    scores = [scores_against(kc, valid[:, None, :]) for kc, _, valid in contexts]
-    scores.append(scores_against(k, mask))
-    widths = [s.shape[-1] for s in scores]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v.dtype)
-    splits = jnp.split(probs, list(itertools.accumulate(widths))[:-1], axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", splits[-1], v)
-    for p, (_, vc, _) in zip(splits[:-1], contexts, strict=True):
-        if vc.shape[0] == 1:
-            out = out + jnp.einsum("bkgts,skd->btkgd", p, vc[0])
-        else:
-            out = out + jnp.einsum("bkgts,bskd->btkgd", p, vc)
-    return out.reshape(b, t, h, d)
+    parts = [part(kc, vc, valid[:, None, :]) for kc, vc, valid in contexts]
+    parts.append(part(k, v, mask))
+    peak = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
+    weights = [jnp.exp(m - peak) for m, _, _ in parts]
+    total = sum(w * part_sum for w, (_, part_sum, _) in zip(weights, parts, strict=True))
+    out = sum(w * o for w, (_, _, o) in zip(weights, parts, strict=True)) / total  # [B, Hkv, G, T, D]
+    return jnp.moveaxis(out, 3, 1).astype(v.dtype).reshape(b, t, h, d)
 
 
 def tied_logits(hidden: jax.Array, embed: jax.Array, chunks: int = 8) -> jax.Array:

@@ -1,4 +1,4 @@
-"""`mpo-jax` command line. Subcommands: `train`, `generate`, `report`, `models`."""
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `report`, `models`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,78 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_judge_side(args: argparse.Namespace):
+    """(model, task, rubric) for `score` and `meta`: a local model or an OpenAI-compatible endpoint."""
+    from mpo_jax.rubric import Rubric
+    from mpo_jax.tasks import get_task
+
+    task = get_task(args.task)
+    if args.rubric in task.initial_rubrics:
+        rubric = task.initial_rubrics[args.rubric]
+    else:
+        from pathlib import Path
+
+        path = Path(args.rubric)
+        if not path.is_file():
+            raise FileNotFoundError(f"--rubric {args.rubric!r} is neither one of this task's rubrics "
+                                    f"({', '.join(task.initial_rubrics)}) nor a file")
+        rubric = Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+    if args.base_url:
+        from mpo_jax.backends.remote import RemoteChatModel
+
+        model = RemoteChatModel(args.base_url, args.model, api_key_env=args.api_key_env)
+    else:
+        from mpo_jax.language_model import load_model
+
+        model = load_model(args.model, dtype=args.dtype)
+    return model, task, rubric
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+
+    from mpo_jax.judge import Judge
+    from mpo_jax.offline import read_rows, score_rows
+
+    rows = read_rows(args.input)
+    model, task, rubric = _load_judge_side(args)
+    judge = Judge(model, task=task, mode="generate" if args.base_url else args.mode,
+                  max_rubric_tokens=args.max_rubric_tokens)
+    judge.set_rubric(rubric)
+    scored = score_rows(judge, rows, args.batch_size)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        print(f"scored {len(scored)} responses -> {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _meta(args: argparse.Namespace) -> int:
+    from mpo_jax.meta import MetaRewardModel
+    from mpo_jax.offline import meta_from_rows, read_rows
+
+    rows = read_rows(args.buffer, need_score=True)
+    model, task, rubric = _load_judge_side(args)
+    mrm = MetaRewardModel(model, task=task, num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
+                          item_tokens=args.item_tokens)
+    out = meta_from_rows(mrm, rubric, rows, args.out, seed=args.seed)
+    print(f"meta step written to {out} (rubric_history.json, rubric_iter_*.txt, meta_evaluation_0.json)")
+    return 0
+
+
+def _judge_side_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="essay, summarization, ethics or math")
+    parser.add_argument("--rubric", default="iter0", help="iter0, expert, or a file with <rubric><item>...")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="preset, .gguf or HF folder (or the served model name with --base-url)")
+    parser.add_argument("--base-url", help="an OpenAI-compatible endpoint instead of a local model")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
 def _report(args: argparse.Namespace) -> int:
     from mpo_jax.report import run_report
 
@@ -98,6 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run MPO (or fixed-rubric PPO/GRPO) training from a config file")
     train.add_argument("--config", required=True, help="a config file (e.g. configs/demo_cpu.py)")
     train.set_defaults(func=_train)
+
+    score = sub.add_parser("score", help="judge a JSONL of responses ({record|prompt, response}) with a rubric")
+    _judge_side_arguments(score)
+    score.add_argument("--input", required=True, help="JSONL: {\"prompt\" or \"record\", \"response\"} per line")
+    score.add_argument("--output", help="JSONL out (default: stdout)")
+    score.add_argument("--mode", default="logits", choices=["logits", "generate"])
+    score.add_argument("--max-rubric-tokens", type=int, default=1024)
+    score.add_argument("--batch-size", type=int, default=16)
+    score.set_defaults(func=_score)
+
+    meta = sub.add_parser("meta", help="run one meta step on a saved buffer of scored rollouts")
+    _judge_side_arguments(meta)
+    meta.add_argument("--buffer", required=True, help="JSONL: {\"prompt\" or \"record\", \"response\", \"score\"}")
+    meta.add_argument("--out", required=True, help="folder for the new rubric and meta_evaluation_0.json")
+    meta.add_argument("--num-samples", type=int, default=16)
+    meta.add_argument("--analysis-tokens", type=int, default=1024)
+    meta.add_argument("--item-tokens", type=int, default=512)
+    meta.add_argument("--seed", type=int, default=0)
+    meta.set_defaults(func=_meta)
 
     report = sub.add_parser("report", help="plots and a rubric-history page for a run directory")
     from mpo_jax.report import add_report_arguments

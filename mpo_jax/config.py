@@ -175,6 +175,8 @@ class TrainConfig:
             _check(spec.dtype in ("float32", "bfloat16"), f"{key}.dtype", f"is {spec.dtype!r}; use float32 or bfloat16")
             _check(spec.lora_rank >= 0, f"{key}.lora_rank", "must be >= 0 (0 = full fine-tuning)")
         _check(self.judge.mode in ("logits", "generate"), "judge.mode", "must be 'logits' or 'generate'")
+        _check(not (self.judge.remote.base_url and self.judge.mode == "logits"), "judge.mode",
+               "must be 'generate' with a remote judge (an OpenAI-compatible endpoint returns no logits)")
         _check(self.judge.aggregate in ("sum", "mean_normalized"), "judge.aggregate",
                "must be 'sum' or 'mean_normalized'")
         _check(self.meta.interval >= 1, "meta.interval", "must be >= 1")
@@ -303,8 +305,16 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 # -- files and overrides ----------------------------------------------------------------------
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """Run a config file's `get_config()` (a trusted, user-written Python file)."""
-    path = Path(path)
+    """Run a config file's `get_config()` (a trusted, user-written Python file).
+
+    `file.py:variant` passes "variant" to `get_config`, as ml_collections' config flags do.
+    """
+    text = str(path)
+    argument = None
+    if ".py:" in text:
+        text, argument = text.split(".py:", 1)
+        text += ".py"
+    path = Path(text)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; configs/ has the shipped ones (e.g. "
                           f"configs/demo_cpu.py)")
@@ -313,7 +323,12 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} must define get_config() returning an ml_collections.ConfigDict")
-    return module.get_config()
+    try:
+        return module.get_config() if argument is None else module.get_config(argument)
+    except TypeError as err:
+        raise ConfigError(f"{path}: get_config({argument!r}) failed: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:

@@ -126,11 +126,15 @@ def build_item_scorer(graphdef: nnx.GraphDef):
             weights = jax.nn.softmax(logp, axis=-1)
             return jnp.sum(weights * value, axis=-1)  # [B]
 
-        def item_or_padding(args):
-            present = jnp.any(args[5])  # a padding item has no valid candidate
-            return jax.lax.cond(present, one_item, lambda _: jnp.zeros((batch,), jnp.float32), args)
+        items = (item_tokens, item_valid, first, second, value, valid, prefixes, is_prefix, prefix_slot)
+        # Real items come first; padding items (no valid candidate) are never visited, so the
+        # loop's trip count is the rubric's item count, not the padded maximum.
+        num_items = jnp.sum(jnp.any(valid, axis=1).astype(jnp.int32))
 
-        return jax.lax.map(item_or_padding, (item_tokens, item_valid, first, second, value, valid, prefixes,
-                                             is_prefix, prefix_slot))
+        def body(k, scores):
+            args = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), items)
+            return jax.lax.dynamic_update_index_in_dim(scores, one_item(args), k, axis=0)
+
+        return jax.lax.fori_loop(0, num_items, body, jnp.zeros((valid.shape[0], batch), jnp.float32))
 
     return score

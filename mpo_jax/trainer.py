@@ -34,7 +34,7 @@ from mpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from mpo_jax.config import ConfigError, TrainConfig, to_dict
 from mpo_jax.data import PromptIterator, prepare_task_source
 from mpo_jax.judge import Judge, RubricTooLongError
-from mpo_jax.meta import MetaRewardModel, MetaSample
+from mpo_jax.meta import MetaRewardModel, MetaSample, math_meta_step
 from mpo_jax.metrics import MetricsWriter
 from mpo_jax.model_specs import build_model, build_remote, check_model_available
 from mpo_jax.rl import (
@@ -51,7 +51,8 @@ from mpo_jax.rl import (
 )
 from mpo_jax.rollout import Rollouts, sample_rollouts
 from mpo_jax.rubric import Rubric, RubricError, RubricHistory
-from mpo_jax.tasks import get_task
+from mpo_jax.tasks import MathTask, get_task
+from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
 
 _LOG = logging.getLogger(__name__)
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -129,6 +130,7 @@ class Trainer:
         else:
             meta_model = self.judge_model
 
+        self._judge_tokenizer = getattr(self.judge_model, "tokenizer", None) or self.policy.tokenizer
         self.judge = Judge(self.judge_model, task=self.task, mode=config.judge.mode,
                            max_rubric_tokens=config.judge.max_rubric_tokens, aggregate=config.judge.aggregate,
                            rationale_tokens=config.judge.rationale_tokens, max_items=config.judge.max_items,
@@ -141,6 +143,9 @@ class Trainer:
         self.history = RubricHistory(initial_rubric(config), reason="initial rubric")
         self.judge.set_rubric(self.history.current)
         self.buffer: list[MetaSample] = []
+        # MATH: one guideline per subject, refined by its own meta step (no merge).
+        self.is_math = isinstance(self.task, MathTask)
+        self.guidelines: dict[int, Rubric] = {}
 
         tfds_dir = config.data.tfds_dir or str(self.run_dir / "tfds")
         self.source = prepare_task_source(self.task.name, config.data.split, data_dir=config.data.data_dir or None,
@@ -203,7 +208,35 @@ class Trainer:
                                         values=stats["values"], scores=scores, contains_eos=rollouts.contains_eos),
                            self.mesh)
 
+    def _math_meta_step(self, update: int) -> dict[str, float]:
+        """Per MATH subject seen since the last meta step: refine its guideline (§A.3)."""
+        start = time.perf_counter()
+        seen = sorted({_subject(s.record) for s in self.buffer} - {None})
+        current = {g: self.guidelines.get(g, self.history.current) for g in seen}
+        updates = math_meta_step(self.mrm, current, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
+                                 group_of=_subject, step=update) if current else {}
+        proposed = {str(g): u.guideline.render() for g, u in updates.items() if u.accepted}
+        proposed = json.loads(distributed.broadcast_text(json.dumps(proposed, sort_keys=True)))
+        for group, text in proposed.items():
+            self.guidelines[int(group)] = Rubric.parse(text, limits=self.history.limits, task=self.task.name)
+        self._install_guidelines()
+        if self.is_main:
+            record = {"update": update, "groups": {MATH_SUBJECTS[g]: {
+                "accepted": u.accepted, "reason": u.reason, "guideline": self.guidelines.get(g, u.guideline).render(),
+                "analysis": u.analysis, "refinement": u.refinement, "cases": u.cases} for g, u in updates.items()}}
+            path = self.run_dir / f"meta_evaluation_{update}.json"
+            path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+            for g, rubric in self.guidelines.items():
+                (self.run_dir / f"guideline_{MATH_SUBJECTS[g]}.txt").write_text(rubric.render() + "\n")
+        self.buffer = []
+        return {"meta/step": 1.0, "meta/accepted": float(len(proposed)), "time/meta_s": time.perf_counter() - start}
+
+    def _install_guidelines(self) -> None:
+        self.judge.guidelines = {g: "\n\n".join(r.items) for g, r in self.guidelines.items()}
+
     def _meta_step(self, update: int) -> dict[str, float]:
+        if self.is_math:
+            return self._math_meta_step(update)
         start = time.perf_counter()
         rubric = self.history.current
         result = self.mrm.meta_step(rubric, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
@@ -234,6 +267,7 @@ class Trainer:
 
     def _host_state(self) -> dict[str, Any]:
         return {"update": self.update, "data": self.iterator.get_state(), "rubric_history": self.history.to_json(),
+                "math_guidelines": {str(g): r.render() for g, r in self.guidelines.items()},
                 "meta_buffer": [{"record": s.record, "response": s.response, "score": s.score,
                                  "rationales": list(s.rationales)} for s in self.buffer]}
 
@@ -246,6 +280,9 @@ class Trainer:
         self.iterator.set_state(host["data"])
         self.history = RubricHistory.from_json(host["rubric_history"])
         self.judge.set_rubric(self.history.current)
+        self.guidelines = {int(g): Rubric.parse(text, limits=self.history.limits, task=self.task.name)
+                           for g, text in host.get("math_guidelines", {}).items()}
+        self._install_guidelines()
         self.buffer = [MetaSample(record=s["record"], response=s["response"], score=float(s["score"]),
                                   rationales=tuple(s["rationales"])) for s in host["meta_buffer"]]
         _LOG.info("resumed from update %d (rubric iteration %d)", self.update, self.history.current.iteration)
@@ -290,7 +327,7 @@ class Trainer:
             "judge/parse_failures": float(sum(r.parse_failures for r in results)),
             "judge/rule_scored": float(sum(r.rule is not None for r in results)),
             "rubric/iteration": float(rubric.iteration), "rubric/items": float(len(rubric.items)),
-            "rubric/tokens": float(len(self.policy.tokenizer.encode(rubric.render(), add_bos=False))),
+            "rubric/tokens": float(len(self._judge_tokenizer.encode(rubric.render(), add_bos=False))),
             "time/rollout_s": t1 - t0, "time/judge_s": t2 - t1, "time/update_s": t3 - t2,
             "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9),
         })
@@ -305,13 +342,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         self._restore()
-        if self.is_main and self.update == 0:
-            self.history.save(self.run_dir)
-            (self.run_dir / ROLLOUTS_FILE).unlink(missing_ok=True)
-        if self.is_main and self.update > 0:
+        if self.is_main:
+            # Files written after the checkpoint this run starts from (or by a run that never
+            # reached its first checkpoint) describe updates that will be redone.
+            _drop_files_after(self.run_dir, self.update, self.history.current.iteration)
             _truncate_rollouts(self.run_dir / ROLLOUTS_FILE, self.update)
-        writer = MetricsWriter(self.run_dir, enabled=self.is_main,
-                               resume_from_update=self.update + 1 if self.update else None,
+            self.history.save(self.run_dir)
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main, resume_from_update=self.update + 1,
                                total_updates=cfg.num_updates, tensorboard=cfg.log.tensorboard,
                                progress=cfg.log.progress)
         last: dict[str, float] = {}
@@ -337,6 +374,29 @@ class Trainer:
 
             write_report(self.run_dir)
         return last
+
+
+def _subject(record: dict) -> int | None:
+    try:
+        return subject_id(record)
+    except ValueError:
+        return None
+
+
+def _drop_files_after(run_dir: Path, update: int, iteration: int) -> None:
+    for path in run_dir.glob("meta_evaluation_*.json"):
+        if _number(path.stem, "meta_evaluation_") > update:
+            path.unlink()
+    for path in run_dir.glob("rubric_iter_*.txt"):
+        if _number(path.stem, "rubric_iter_") > iteration:
+            path.unlink()
+
+
+def _number(stem: str, prefix: str) -> int:
+    try:
+        return int(stem[len(prefix):])
+    except ValueError:
+        return -1
 
 
 def _truncate_rollouts(path: Path, last_update: int) -> None:

@@ -227,3 +227,29 @@ def test_two_processes_on_localhost_match_the_single_process_run(reference_run, 
     # only process 0 wrote: one metrics line per update, one events file
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_math_meta_step_refines_one_guideline_per_subject(tmp_path, cache_env):
+    trainer = run_in_process(tmp_path / "math", "--config.task=math", "--config.num_updates=2",
+                             "--config.log.report=false", "--config.judge.max_rubric_tokens=2048")
+    record = json.loads((tmp_path / "math" / "meta_evaluation_2.json").read_text())
+    from mpo_jax.tasks import load_records
+
+    train = load_records("math", "train")
+    seen = {r["subject"] for r in train}
+    assert record["groups"] and set(record["groups"]) <= seen
+    accepted = {name for name, group in record["groups"].items() if group["accepted"]}
+    from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS
+
+    assert {MATH_SUBJECTS[g] for g in trainer.judge.guidelines} == accepted
+    for name in accepted:
+        assert (tmp_path / "math" / f"guideline_{name}.txt").is_file()
+
+
+@pytest.mark.parametrize("variant", ["essay_mpo", "essay_ppo_expert", "summarization_ppo_mpo", "ethics_ppo_iter0",
+                                     "math_grpo_mpo", "math_ppo_iter0"])
+def test_paper_configs_load_and_validate(variant):
+    config = load_config(f"{ROOT}/configs/paper.py:{variant}")
+    assert config.policy.lora_rank == 64 and config.ppo.optimizer.learning_rate == 3e-6
+    assert config.meta.enabled == variant.endswith("mpo")
+    assert config.rollouts_per_update == 64
