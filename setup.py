@@ -23,6 +23,7 @@ CORE = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "rouge-score>=0.1.2",
 ]
 TEST = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "protobuf>=4"]
 # The parity extra compares against transformers' PyTorch models (transformers needs accelerate to
@@ -37,7 +38,7 @@ setup(
     description="Meta Policy Optimization (evolving-rubric RLAIF) in JAX/Flax, from a laptop CPU to a TPU pod",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["mpo_jax", "mpo_jax.*"]) + ["mpo_jax.models"],
     package_dir={"mpo_jax.models": "models"},
     install_requires=CORE,

@@ -6,9 +6,9 @@ same run.
     python bench/bench_judge.py --skip-generate --repeats 3
     python bench/bench_judge.py --markdown-out /tmp/judge.md
 
-On the 2-core CPU the default run takes about 16 minutes: generate mode ~7 (a warm-up call and one
-timed call of ~3 minutes each), logits without reuse ~5, logits with reuse ~4 (a call takes 75-100 s,
-so the warm-up alone is as long as a timed call). `--skip-generate` takes about 9 minutes.
+On the 2-core CPU the default run takes about 10 minutes: generate mode ~7 (a warm-up call and one
+timed call of ~3.5 minutes each), logits without reuse ~2 (calls of ~36 s), logits with reuse ~1.5
+(calls of ~22 s). `--skip-generate` takes about 3.5 minutes.
 
 Method
 ------
@@ -17,7 +17,7 @@ Method
   conversation carried over from item to item, the rubric prefix read from its KV cache);
   `logits` without prefix reuse (`reuse_prefix=False`: the rubric prefix is prefilled for every row
   of every batch, as a plain judge would); `logits` with prefix reuse (the prefix is prefilled once
-  per rubric version into a batch-1 cache and tiled over the rows).
+  per rubric version into a batch-1 cache that every row reads in place).
 * Work: `--batch` rows (default 16). Prompts are the first records of the essay task's test split
   (`load_records("essay", "test")`), each paired with an essay written for it (8 essays of
   ~150-170 words, ~200 tokens; rows past 8 reuse them with the next prompts). The rubric has 2

@@ -190,8 +190,8 @@ def run_jax(args: argparse.Namespace) -> dict:
 
     peak = [matmul_peak()]
     log(f"[jax] f32 matmul {peak[0]:.0f} GFLOP/s; loading models")
-    policy = load_model(MODEL, remat=True)
-    critic = load_model(MODEL, value_head=True, remat=True)
+    policy = load_model(MODEL, remat=True, remat_policy=args.remat_policy)
+    critic = load_model(MODEL, value_head=True, remat=True, remat_policy=args.remat_policy)
     config = PPOConfig(num_ppo_epochs=args.epochs, num_mini_batches=1, gradient_accumulation_steps=args.accum)
     config.check_batch_size(args.batch)
     state = create_train_state(policy, critic, config.optimizer)
@@ -506,7 +506,8 @@ def run_engine(engine: str, args: argparse.Namespace, data: Path, workdir: Path)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--data", str(data),
            "--result", str(result), "--batch", str(args.batch), "--prompt", str(args.prompt),
            "--response", str(args.response), "--epochs", str(args.epochs), "--accum", str(args.accum),
-           "--repeats", str(args.repeats), "--seed", str(args.seed)] + (["--profile"] if args.profile else [])
+           "--repeats", str(args.repeats), "--seed", str(args.seed), "--remat-policy", args.remat_policy] + (
+               ["--profile"] if args.profile else [])
     subprocess.run(cmd, check=True)
     return json.loads(result.read_text(encoding="utf-8"))
 
@@ -565,7 +566,8 @@ def report(args, info, jx: dict, th: dict | None, load_before, others, wall_s: f
             f"processes used {'?' if others is None else f'{others:.0%}'} of the CPUs during the run"
             + (" — **the machine was busy: timings are pessimistic**" if busy else ""),
             f"- SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32) as policy and as critic (+ value head), "
-            f"full fine-tuning, AdamW, per-layer remat / gradient checkpointing; batch {args.batch}, prompt "
+            f"full fine-tuning, AdamW, per-layer remat / gradient checkpointing (JAX remat policy "
+            f"'{args.remat_policy}'); batch {args.batch}, prompt "
             f"{args.prompt} + response {args.response} tokens, {args.epochs} epoch(s) x 1 mini-batch x "
             f"{args.accum} micro-batch(es); median of {args.repeats} updates after a warm-up", ""]
 
@@ -643,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accum", type=int, default=1, help="gradient_accumulation_steps (micro-batches)")
     parser.add_argument("--repeats", type=int, default=3, help="timed updates per engine (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--remat-policy", choices=("full", "dots"), default="full",
+                        help="JAX layers: 'full' recomputes the whole layer in the backward pass (as PyTorch's "
+                             "activation checkpointing does); 'dots' keeps the weight-matmul outputs")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch implementation")
     parser.add_argument("--profile", action="store_true",
                         help="also time pieces of the JAX update alone (about +2 minutes)")

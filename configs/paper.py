@@ -16,7 +16,7 @@ download them once (`huggingface-cli download Qwen/Qwen2-1.5B-Instruct --local-d
 them at a mounted bucket. Meshes (data, fsdp, tensor), by slice, untested on hardware here:
   v4-8  (4 chips):  (1, 4, 1)  policy/critic fsdp; a 7B judge fits, 72B does not (use remote)
   v5e-16 (16 chips): (1, 8, 2)  72B judge in bf16 sharded fsdp x tensor
-  v5p-64 (64 chips): (2, 8, 4)  data-parallel rollouts, 72B judge and MRM local
+  v5p-64 (32 chips): (2, 4, 4)  data-parallel rollouts, 72B judge and MRM local
 These configs are untested at full scale: this repository's CI runs on a 2-core CPU.
 """
 

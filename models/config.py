@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("full", "dots")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -51,6 +52,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     value_head: bool = False  # scalar per-token value head (critic)
     remat: bool = False  # jax.checkpoint each layer (training memory)
+    # What a rematerialised layer keeps for the backward pass: "full" keeps only the layer's input
+    # (recomputes everything), "dots" also keeps the weight-matmul outputs (recomputes only
+    # attention and elementwise work: more memory, about a quarter less compute in training).
+    remat_policy: str = "full"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     lora_rank: int = 0  # > 0 adds low-rank adapters to `lora_targets`
@@ -72,6 +77,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.architecture not in ("llama", "qwen2"):
             raise ValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
         if self.lora_rank < 0:

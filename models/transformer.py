@@ -293,7 +293,9 @@ class Transformer(nnx.Module):
             return x, state, emitted
 
         if c.remat:
-            block = jax.checkpoint(block, prevent_cse=False)
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat_policy == "dots"
+                      else None)
+            block = jax.checkpoint(block, prevent_cse=False, policy=policy)
 
         def scan_body(carry, xs):
             x, state = carry

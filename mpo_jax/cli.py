@@ -1,4 +1,4 @@
-"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `report`, `models`."""
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `report`, `models`."""
 
 from __future__ import annotations
 
@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_arguments(report)
     report.set_defaults(func=_report)
+
+    evaluation = sub.add_parser("eval", help="evaluate policies: generate on a test split, task metrics, Elo")
+    from mpo_jax.evaluation.cli import add_eval_arguments, run_eval
+
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=run_eval)
 
     models = sub.add_parser("models", help="list the named model presets")
     models.set_defaults(func=_models)

@@ -41,6 +41,7 @@ class ModelSpec:
     name: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     remat: bool = True
+    remat_policy: str = "full"  # "full" | "dots" (keep weight-matmul outputs: faster backward, more memory)
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -114,6 +115,7 @@ class RolloutSpec:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSpec:
+    directory: str = ""  # "" = <run_dir>/checkpoints; may be a gs:// URL (orbax writes it directly)
     every: int = 10
     keep: int = 3
     async_save: bool = False
@@ -168,6 +170,9 @@ class TrainConfig:
         _check(len(self.mesh) == 3 and all(s >= 1 for s in self.mesh), "mesh",
                f"is {self.mesh}; give three sizes >= 1 for the (data, fsdp, tensor) axes")
         _check(bool(self.run_dir), "run_dir", "is empty; name a folder for logs, rubrics and checkpoints")
+        _check("://" not in self.run_dir, "run_dir",
+               f"is {self.run_dir!r}: it must be a local or mounted folder (e.g. a gcsfuse mount of the bucket); "
+               "put checkpoints on GCS with --config.checkpoint.directory=gs://...")
         for key, spec in (("policy", self.policy), ("judge.model", self.judge.model)):
             _check(bool(spec.name), f"{key}.name", "is empty; give a preset, a local model path or 'tiny-random'")
         for key, spec in (("policy", self.policy), ("critic", self.critic), ("judge.model", self.judge.model),

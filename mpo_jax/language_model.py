@@ -188,7 +188,8 @@ def place_params(config: ModelConfig, flat: dict[str, np.ndarray], mesh: Mesh | 
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
-               value_head: bool = False, remat: bool = False, lora_rank: int = 0, lora_alpha: float = 16.0,
+               value_head: bool = False, remat: bool = False, remat_policy: str = "full", lora_rank: int = 0,
+               lora_alpha: float = 16.0,
                lora_targets: Sequence[str] | None = None, **sampler_kwargs: Any) -> LanguageModel:
     """Load a preset name, a .gguf file or a HF checkpoint directory as a `LanguageModel`.
 
@@ -202,7 +203,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = presets.resolve(name_or_path)
     config, flat, tokenizer = _load_weights(path, _DTYPES[dtype])
-    config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, lora_rank=lora_rank, lora_alpha=lora_alpha,
+    config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, remat_policy=remat_policy,
+                            lora_rank=lora_rank, lora_alpha=lora_alpha,
                             lora_targets=tuple(lora_targets or config.lora_targets))
     flat.update(init_lora_params(config, dtype=_DTYPES[dtype]))
     if value_head and not config.value_head:

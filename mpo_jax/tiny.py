@@ -55,7 +55,7 @@ def tiny_model_config(tokenizer: Tokenizer, *, hidden_size: int, num_layers: int
     """A small Llama-style config sized to the tokenizer (4 heads, 2 KV heads)."""
     vocab = -(-len(tokenizer.token_strings()) // 8) * 8
     base = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=num_layers,
-                num_heads=4, num_kv_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+                num_heads=4, num_kv_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
                 eos_token_id=tokenizer.eos_id)
     base.update(overrides)
     return ModelConfig(**base)

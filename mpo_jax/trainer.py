@@ -165,7 +165,8 @@ class Trainer:
                                                    self.mesh)
         update_fn = make_grpo_update(self.update_config) if self.grpo else make_ppo_update(self.update_config)
         self.update_step = compile_update(update_fn, self.state, self.mesh)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", save_every=config.checkpoint.every,
+        self.checkpointer = Checkpointer(config.checkpoint.directory or self.run_dir / "checkpoints",
+                                         save_every=config.checkpoint.every,
                                          keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
         self.update = 0  # updates completed
 

@@ -130,10 +130,11 @@ def test_remat_changes_memory_not_results():
         return value, flat_from_state(grads)
 
     v1, g1 = loss_and_grad(config)
-    v2, g2 = loss_and_grad(config.replace(remat=True))
-    np.testing.assert_allclose(v1, v2, rtol=1e-6)
-    for name in g1:
-        np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(g2[name]), atol=1e-6, err_msg=name)
+    for policy in ("full", "dots"):
+        v2, g2 = loss_and_grad(config.replace(remat=True, remat_policy=policy))
+        np.testing.assert_allclose(v1, v2, rtol=1e-6)
+        for name in g1:
+            np.testing.assert_allclose(np.asarray(g1[name]), np.asarray(g2[name]), atol=1e-6, err_msg=(policy, name))
 
 
 def test_bfloat16_params_and_compute_stay_close_to_float32():

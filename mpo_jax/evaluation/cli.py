@@ -1,0 +1,266 @@
+"""`mpo-jax eval`: `generate` (model or run -> JSONL), `score` (task metrics of generation files) and
+`elo` (pairwise-judge tournament over generation files -> ratings, table and plot).
+
+    mpo-jax eval generate --model runs/essay_mpo --task essay --limit 500 --out gen/mpo.jsonl
+    mpo-jax eval elo base=gen/base.jsonl mpo=gen/mpo.jsonl --judge /models/Qwen2.5-72B-Instruct --out elo/
+    mpo-jax eval score base=gen/base.jsonl mpo=gen/mpo.jsonl --elo elo/elo.json --out table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
+
+ELO_FILE = "elo.json"
+JUDGMENTS_FILE = "judgments.jsonl"
+TABLE_FILE = "elo_table.md"
+PLOT_FILE = "elo_ratings.png"
+_SUFFIXES = (".jsonl", ".generations", ".test")
+
+
+def _mesh(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh {text!r} must be three integers such as 1,2,4 (data,fsdp,tensor)") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--mesh {text!r} must be three positive integers such as 1,2,4 (data,fsdp,tensor)")
+    return shape
+
+
+def parse_generation_specs(specs: Sequence[str]) -> dict[str, Path]:
+    """`NAME=PATH` or `PATH` (named after the file) -> {name: path}; names must be unique."""
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or os.path.exists(spec):
+            path = spec
+            name = Path(spec).name
+            while Path(name).suffix in _SUFFIXES:
+                name = name[: -len(Path(name).suffix)]
+        if name in named:
+            raise ValueError(f"two generation files are both named {name!r}; name them with NAME=PATH")
+        named[name] = Path(path)
+    if not named:
+        raise ValueError("give at least one generation file (NAME=PATH or PATH)")
+    return named
+
+
+def load_players(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """{player name: de-duplicated generation rows} for the given NAME=PATH specs."""
+    from mpo_jax.evaluation.generate import dedupe_rows, read_generations
+
+    players = {}
+    for name, path in parse_generation_specs(specs).items():
+        rows, dropped = dedupe_rows(read_generations(path))
+        if dropped:
+            print(f"{name}: dropped {dropped} repeated prompts from {path}", file=sys.stderr)
+        players[name] = rows
+    return players
+
+
+def resolve_task(task: str | None, players: dict[str, list[dict[str, Any]]]) -> str:
+    """--task, or the single task the generation rows name."""
+    from mpo_jax.tasks import get_task
+
+    if task:
+        return get_task(task).name
+    named = {row.get("task") for rows in players.values() for row in rows}
+    if len(named) == 1 and isinstance(next(iter(named)), str):
+        return get_task(next(iter(named))).name
+    raise ValueError("cannot tell the task from the generation files (rows name "
+                     f"{sorted(map(str, named))}); pass --task")
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from mpo_jax.evaluation.generate import generate_split
+
+    rows = generate_split(args.model, args.task, args.split, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                          limit=args.limit, out_path=args.out, data_dir=args.data_dir, seed=args.seed,
+                          update=args.update, dtype=args.dtype, mesh=_mesh(args.mesh), label=args.label)
+    finished = sum(r["finished"] for r in rows)
+    print(f"generated {len(rows)} responses ({finished} ended before max_new_tokens) -> {args.out}")
+    return 0
+
+
+# -- score --------------------------------------------------------------------------------------
+
+def _run_score(args: argparse.Namespace) -> int:
+    from mpo_jax.evaluation.metrics import score_generations
+    from mpo_jax.evaluation.tables import elo_cells_from_json, merge_cells, metric_cells, results_table
+
+    players = load_players(args.generations)
+    task = resolve_task(args.task, players)
+    scores = {name: score_generations(task, rows) for name, rows in players.items()}
+    cells = {name: metric_cells(s) for name, s in scores.items()}
+    if args.elo:
+        path = Path(args.elo)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Elo file {path}; write one with `mpo-jax eval elo`")
+        elo = elo_cells_from_json(json.loads(path.read_text(encoding="utf-8")))
+        missing = [name for name in cells if name not in elo]
+        if missing:
+            print(f"note: {path} has no rating for {', '.join(missing)} (rated: {', '.join(elo)}); name the "
+                  "files as in the tournament", file=sys.stderr)
+        cells = merge_cells(cells, {name: elo[name] for name in cells if name in elo})
+    table = results_table(cells)
+    sys.stdout.write(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table, encoding="utf-8")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"task": task, "models": scores}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# -- elo ----------------------------------------------------------------------------------------
+
+def build_judge_model(args: argparse.Namespace) -> Any:
+    """The pairwise judge's model: an OpenAI-compatible endpoint, or a local model / preset / tiny-random."""
+    if args.base_url:
+        from mpo_jax.backends.remote import RemoteChatModel
+
+        return RemoteChatModel(args.base_url, args.judge, api_key_env=args.api_key_env or None,
+                               constraint_style=args.constraint_style, max_concurrency=args.concurrency)
+    from mpo_jax.config import ModelSpec
+    from mpo_jax.evaluation.generate import check_model_name, device_mesh
+    from mpo_jax.model_specs import build_model
+
+    check_model_name(args.judge, "--judge")
+    spec = ModelSpec(name=args.judge, dtype=args.dtype, remat=False, seed=args.judge_seed)
+    return build_model(spec, device_mesh(_mesh(args.mesh)))
+
+
+def _run_elo(args: argparse.Namespace) -> int:
+    from mpo_jax.evaluation.elo import elo_ratings
+    from mpo_jax.evaluation.generate import row_key
+    from mpo_jax.evaluation.pairwise import PairwiseJudge, judge_all_pairs, position_consistency
+    from mpo_jax.evaluation.tables import elo_cells, plot_ratings, results_table
+
+    players = load_players(args.generations)
+    if len(players) < 2:
+        raise ValueError("an Elo tournament needs at least two generation files")
+    task = resolve_task(args.task, players)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    judge = PairwiseJudge(build_judge_model(args), task, mode=args.judge_mode, batch_size=args.batch_size,
+                          max_response_words=args.max_response_words)
+    keyed = {name: {row_key(row): row for row in rows} for name, rows in players.items()}
+    judgments = judge_all_pairs(keyed, judge, prompts_per_pair=args.prompts_per_pair, seed=args.seed)
+    with (out / JUDGMENTS_FILE).open("w", encoding="utf-8") as handle:
+        for judgment in judgments:
+            handle.write(json.dumps(judgment.to_json(), ensure_ascii=False) + "\n")
+    matches = [m for m in (j.to_match() for j in judgments) if m is not None]
+    invalid = len(judgments) - len(matches)
+    if not matches:
+        raise ValueError(f"the judge gave no usable verdict in {len(judgments)} comparisons; check the judge model")
+    summary = elo_ratings(matches, runs=args.runs, seed=args.seed, k=args.k, start=args.start,
+                          players=list(players))
+    record = {**summary.to_json(), "task": task, "judge": args.judge, "judge_mode": judge.mode,
+              "judgments": len(judgments), "invalid_verdicts": invalid,
+              "position_consistency": position_consistency(judgments)}
+    (out / ELO_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    table = results_table(elo_cells(summary))
+    (out / TABLE_FILE).write_text(table, encoding="utf-8")
+    plot_ratings(summary, out / PLOT_FILE, title=f"{task} Elo")
+    sys.stdout.write(table)
+    print(f"{len(judgments)} judgments ({invalid} unusable), {summary.runs} runs -> {out}", file=sys.stderr)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def _generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("generations", nargs="+", metavar="[NAME=]FILE",
+                        help="generation JSONL files from `eval generate`; NAME labels the model (default: the "
+                             "file name)")
+    parser.add_argument("--task", help="essay, summarization, ethics or math (default: from the files)")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `eval` subcommands (`generate`, `score`, `elo`) and their flags."""
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{generate,score,elo}")
+
+    gen = sub.add_parser("generate", help="generate test-split responses with a model or a trained run")
+    gen.add_argument("--model", required=True,
+                     help="preset, .gguf file, HF folder, tiny-random, or a trainer run dir / checkpoint folder")
+    gen.add_argument("--task", help="essay, summarization, ethics or math (default: the run's task)")
+    gen.add_argument("--split", default="test")
+    gen.add_argument("--out", required=True, help="JSONL file to write")
+    gen.add_argument("--limit", type=int, help="only the first N records of the split")
+    gen.add_argument("--max-new-tokens", type=int, default=400)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--data-dir", help="folder holding <task folder>/<split>.jsonl (default: ../shared/data)")
+    gen.add_argument("--update", type=int, help="a run's checkpoint to use (default: the latest)")
+    gen.add_argument("--label", help="model name stored in each row (default: the model or run@update)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--mesh", help="data,fsdp,tensor sizes, e.g. 1,2,4 (default: the run's mesh / one device)")
+    gen.set_defaults(eval_func=_run_generate)
+
+    score = sub.add_parser("score", help="ROUGE (summarization) or accuracy (ethics, math) of generation files")
+    _generation_arguments(score)
+    score.add_argument("--elo", help="an elo.json from `eval elo` to add an Elo column")
+    score.add_argument("--out", help="write the Markdown table here too")
+    score.add_argument("--json", help="write the metrics per model here as JSON")
+    score.set_defaults(eval_func=_run_score)
+
+    elo = sub.add_parser("elo", help="pairwise-judge Elo tournament over generation files (both orders per pair)")
+    _generation_arguments(elo)
+    elo.add_argument("--judge", required=True,
+                     help="judge model: preset, .gguf, HF folder or tiny-random (or the served name with --base-url)")
+    elo.add_argument("--out", required=True, help="folder for elo.json, judgments.jsonl, the table and the plot")
+    elo.add_argument("--judge-mode", default="auto", choices=["auto", "choice", "logits", "remote"],
+                     help="local: constrained A/B choice (default) or A/B logits; remote endpoints: remote")
+    elo.add_argument("--base-url", help="an OpenAI-compatible endpoint serving the judge")
+    elo.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    elo.add_argument("--constraint-style", default="none", choices=["none", "vllm", "vllm_structured", "sglang"])
+    elo.add_argument("--concurrency", type=int, default=8, help="remote requests in flight")
+    elo.add_argument("--prompts-per-pair", type=int, help="judge a random N shared prompts per pair (default all)")
+    elo.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="tournaments over shuffled match orders")
+    elo.add_argument("--k", type=float, default=DEFAULT_K)
+    elo.add_argument("--start", type=float, default=DEFAULT_START)
+    elo.add_argument("--seed", type=int, default=0)
+    elo.add_argument("--batch-size", type=int, default=8)
+    elo.add_argument("--max-response-words", type=int, help="truncate each response shown to the judge")
+    elo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    elo.add_argument("--mesh", help="data,fsdp,tensor sizes for a local judge, e.g. 1,2,4")
+    elo.add_argument("--judge-seed", type=int, default=0, help="weights seed of a tiny-random judge")
+    elo.set_defaults(eval_func=_run_elo)
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run the chosen `eval` subcommand; errors are printed as `error: ...` with exit status 2."""
+    from mpo_jax.backends.remote import RemoteBackendError
+
+    try:
+        return args.eval_func(args)
+    except (FileNotFoundError, ValueError, ImportError, RemoteBackendError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """`mpo-jax eval ...` as a function of its arguments; returns the exit status."""
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="mpo-jax eval",
+                                                        description="Evaluate MPO policies"))
+    return run_eval(parser.parse_args(argv))
+
+
+__all__ = ["add_eval_arguments", "eval_main", "load_players", "parse_generation_specs", "resolve_task", "run_eval"]
