@@ -1,4 +1,4 @@
-"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `report`, `models`."""
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `models`."""
 
 from __future__ import annotations
 
@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(evaluation)
     evaluation.set_defaults(func=run_eval)
+
+    export = sub.add_parser("export", help="export a trained policy (LoRA merged) as a Hugging Face checkpoint")
+    from mpo_jax.export import add_export_arguments, run_export
+
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
 
     models = sub.add_parser("models", help="list the named model presets")
     models.set_defaults(func=_models)
