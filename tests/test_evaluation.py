@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import fixture_data_dir
 
 from mpo_jax.evaluation.cli import eval_main, parse_generation_specs
 from mpo_jax.evaluation.elo import EloSummary, Match, elo_ratings, elo_update, expected_score, run_tournament
@@ -378,7 +379,8 @@ def tiny_run(tmp_path_factory):
     overrides = ["--config.num_updates=1", "--config.meta.enabled=false", "--config.rollout.max_new_tokens=8",
                  "--config.policy.tiny_hidden_size=32", "--config.judge.model.tiny_hidden_size=32",
                  "--config.ppo.num_mini_batches=1", "--config.log.report=false", "--config.log.tensorboard=false",
-                 f"--config.run_dir={run_dir}"]
+                 f"--config.run_dir={run_dir}",
+                 f"--config.data.data_dir={fixture_data_dir(tmp_path_factory.mktemp('data'))}"]
     trainer = Trainer(load_config(TINY, overrides))
     trainer.run()
     yield run_dir, trainer
@@ -429,15 +431,16 @@ def test_restored_policy_has_the_trained_lora_weights(tiny_run):
 def test_end_to_end_generate_then_elo_with_a_tiny_judge(tiny_run, tmp_path, monkeypatch, capsys):
     from mpo_jax.language_model import LanguageModel
 
-    run_dir, _ = tiny_run
+    run_dir, trainer = tiny_run
+    data_dir = trainer.config.data.data_dir
     run_file, base_file = tmp_path / "run.jsonl", tmp_path / "base.jsonl"
     assert eval_main(["generate", "--model", str(run_dir), "--limit", "4", "--max-new-tokens", "8",
-                      "--batch-size", "3", "--out", str(run_file)]) == 0
+                      "--batch-size", "3", "--out", str(run_file), "--data-dir", data_dir]) == 0
     assert eval_main(["generate", "--model", "tiny-random", "--task", "essay", "--limit", "4",
-                      "--max-new-tokens", "8", "--out", str(base_file)]) == 0
+                      "--max-new-tokens", "8", "--out", str(base_file), "--data-dir", data_dir]) == 0
     run_rows, base_rows = read_generations(run_file), read_generations(base_file)
     test_ids = [json.loads(line)["id"] for line in
-                (ROOT.parent / "shared" / "data" / "essay_writing" / "test.jsonl").read_text().splitlines()[:4]]
+                (Path(data_dir) / "essay_writing" / "test.jsonl").read_text().splitlines()[:4]]
     for rows in (run_rows, base_rows):
         assert [r["index"] for r in rows] == [0, 1, 2, 3]
         assert [r["record"]["id"] for r in rows] == test_ids

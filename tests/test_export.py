@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tiny import fixture_data_dir
 
 from mpo_jax.config import load_config
 from mpo_jax.export import (
@@ -64,7 +65,8 @@ def trained(tmp_path_factory, cache_env):
     from mpo_jax.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={run_dir}"]))
+    data = fixture_data_dir(tmp_path_factory.mktemp("data"))
+    trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={run_dir}", f"--config.data.data_dir={data}"]))
     snapshots: dict[int, object] = {}
     save = trainer.checkpointer.save
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import fixture_data_dir
 
 from mpo_jax.compilation import count_compilations
 from mpo_jax.config import ConfigError, load_config
@@ -30,6 +31,7 @@ COMPARED = ("score/mean", "objective/kl", "loss/policy_avg", "loss/value_avg", "
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
+    FAST.append(f"--config.data.data_dir={fixture_data_dir(tmp_path_factory.mktemp('data'))}")
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("MPO_JAX_CACHE")
     os.environ["MPO_JAX_CACHE"] = str(cache)
@@ -163,7 +165,8 @@ def test_bad_configs_fail_before_compiling_and_name_the_key(override, expected, 
 
     with count_compilations() as compiled:
         with pytest.raises(ConfigError) as err:
-            Trainer(load_config(TINY, [f"--config.run_dir={tmp_path / 'bad'}", override]))
+            data = next(a for a in FAST if a.startswith("--config.data.data_dir="))
+            Trainer(load_config(TINY, [data, f"--config.run_dir={tmp_path / 'bad'}", override]))
     assert expected in str(err.value)
     assert compiled == []
 
@@ -233,10 +236,10 @@ def test_math_meta_step_refines_one_guideline_per_subject(tmp_path, cache_env):
     trainer = run_in_process(tmp_path / "math", "--config.task=math", "--config.num_updates=2",
                              "--config.log.report=false", "--config.judge.max_rubric_tokens=2048")
     record = json.loads((tmp_path / "math" / "meta_evaluation_2.json").read_text())
+    data_dir = next(a.split("=", 1)[1] for a in FAST if a.startswith("--config.data.data_dir="))
     from mpo_jax.tasks import load_records
 
-    train = load_records("math", "train")
-    seen = {r["subject"] for r in train}
+    seen = {r["subject"] for r in load_records("math", "train", data_dir)}
     assert record["groups"] and set(record["groups"]) <= seen
     accepted = {name for name, group in record["groups"].items() if group["accepted"]}
     from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS

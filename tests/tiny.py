@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from mpo_jax.models.config import ModelConfig, RopeScaling, canonical_param_shapes
@@ -66,3 +68,24 @@ def tiny_tokenizer_dir(path, vocab_size: int = 96):
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "chat_template": CHAT_TEMPLATE}))
     return path
+
+
+def fixture_data_dir(root) -> Path:
+    """A data folder for all four tasks built from tests/fixtures/tasks_samples.json (records copied
+    from ../shared/data with their licence notes), each split repeated to 16 records, so that
+    trainer tests do not need the shared data folder next to the checkout."""
+    import json
+
+    from mpo_jax.tasks import get_task
+
+    samples = json.loads((Path(__file__).parent / "fixtures" / "tasks_samples.json").read_text(encoding="utf-8"))
+    root = Path(root)
+    for name in ("essay", "summarization", "ethics", "math"):
+        folder = root / get_task(name).data_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        records = samples[name]["records"]
+        rows = [dict(records[i % len(records)], id=f"{records[i % len(records)].get('id', name)}#{i}")
+                for i in range(16)]
+        for split in ("train", "test"):
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
