@@ -29,7 +29,6 @@ import numbers
 import os
 import re
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from mpo_jax.fileio import atomic_write_text
 from mpo_jax.rubric import Rubric
 
 __all__ = [
@@ -195,17 +195,7 @@ def _truncate_for_resume(path: Path, resume_from_update: int) -> list[dict[str, 
     if len(kept) != len(records):
         _LOG.info("%s: dropping %d records at or after update %d", path, len(records) - len(kept),
                   resume_from_update)
-    body = "".join(_dumps(record) + "\n" for record in kept)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(_dumps(record) + "\n" for record in kept))
     return kept
 
 

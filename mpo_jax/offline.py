@@ -6,11 +6,11 @@ fields) or a bare `prompt` string; `meta` rows also carry the judge's `score`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.fileio import read_jsonl_objects
 from mpo_jax.judge import Judge
 from mpo_jax.meta import MetaRewardModel, MetaSample
 from mpo_jax.rubric import Rubric, RubricHistory
@@ -23,14 +23,8 @@ def read_rows(path: str | Path, *, need_score: bool = False) -> list[dict[str, A
     if not path.is_file():
         raise FileNotFoundError(f"no input file {path}")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("response"), str):
+    for number, row in read_jsonl_objects(path):
+        if not isinstance(row.get("response"), str):
             raise ValueError(f"{path}:{number}: each line must be an object with a string \"response\"")
         if not isinstance(row.get("record"), dict) and not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path}:{number}: give the task \"record\" (object) or the \"prompt\" (string)")

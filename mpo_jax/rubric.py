@@ -28,11 +28,12 @@ import difflib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mpo_jax.fileio import atomic_write_text
 
 __all__ = [
     "DEFAULT_LIMITS", "HISTORY_FILE", "HistoryEvent", "Rubric", "RubricError", "RubricHistory", "RubricLimits",
@@ -484,14 +485,4 @@ def _load_version(src: Path, event: HistoryEvent, limits: RubricLimits) -> Rubri
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file in the same folder, fsync it, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, errors="backslashreplace")  # model text may hold lone surrogates

@@ -33,6 +33,7 @@ from mpo_jax import sharding as sharding_lib
 from mpo_jax.checkpoint import Checkpointer, PreemptionGuard
 from mpo_jax.config import ConfigError, TrainConfig, to_dict
 from mpo_jax.data import PromptIterator, prepare_task_source
+from mpo_jax.fileio import atomic_write_text
 from mpo_jax.judge import Judge, RubricTooLongError
 from mpo_jax.meta import MetaRewardModel, MetaSample, math_meta_step
 from mpo_jax.metrics import MetricsWriter
@@ -406,9 +407,7 @@ def _truncate_rollouts(path: Path, last_update: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and _line_update(line) <= last_update]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _line_update(line: str) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_jax.fileio import read_jsonl_objects
 from mpo_jax.language_model import LanguageModel
 
 if TYPE_CHECKING:
@@ -251,20 +252,13 @@ def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no generation file {path}; write one with `mpo-jax eval generate`")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("response"), str):
-                raise ValueError(f"{path}:{number}: each line must be an object with a string \"response\"")
-            if not isinstance(row.get("record"), dict):
-                raise ValueError(f"{path}:{number}: the row needs the task \"record\" (an object), as "
-                                 "`mpo-jax eval generate` writes it")
-            rows.append(row)
+    for number, row in read_jsonl_objects(path):
+        if not isinstance(row.get("response"), str):
+            raise ValueError(f"{path}:{number}: each line must be an object with a string \"response\"")
+        if not isinstance(row.get("record"), dict):
+            raise ValueError(f"{path}:{number}: the row needs the task \"record\" (an object), as "
+                             "`mpo-jax eval generate` writes it")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no generation rows")
     return rows

@@ -1,0 +1,36 @@
+"""Atomic rewrites keep the old file on failure; JSONL errors name the file and line."""
+
+import pytest
+
+from mpo_jax.fileio import atomic_write_text, read_jsonl_objects
+
+
+def test_atomic_write_replaces_the_file_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_a_failed_write_keeps_the_previous_content(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "bad \udcff surrogate")  # strict encoding refuses a lone surrogate
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+    atomic_write_text(path, "kept \udcff", errors="backslashreplace")
+    assert path.read_text() == "kept \\udcff"
+
+
+def test_jsonl_rows_and_errors(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"b": 2}\n')
+    assert read_jsonl_objects(path) == [(1, {"a": 1}), (3, {"b": 2})]
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: expected a JSON object, got list"):
+        read_jsonl_objects(path)
+    path.write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2: not valid JSON"):
+        read_jsonl_objects(path)
