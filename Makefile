@@ -21,10 +21,10 @@ $(VENV)/.installed: setup.py
 # MPO on the CPU: SmolLM2-135M-Instruct as policy, judge and meta model, essay task, 6 updates with a
 # meta step every 2 (about 5 minutes on 2 cores). Prints where the run directory and report are.
 demo: install
-	$(VENV)/bin/mpo-jax train --config configs/demo_cpu.py
+	$(VENV)/bin/mpo-jax train --config configs/demo_cpu.py $(ARGS)
 
 demo-tiny: install
-	$(VENV)/bin/mpo-jax train --config configs/tiny_cpu.py
+	$(VENV)/bin/mpo-jax train --config configs/tiny_cpu.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
