@@ -48,10 +48,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +61,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
 
 from mpo_jax import constraints as constraints_lib  # noqa: E402
 from mpo_jax import presets  # noqa: E402
@@ -296,40 +294,9 @@ def bench_continuation(model: LanguageModel, chats: list[list[dict]], new_tokens
     return results, context_tokens
 
 
-# -- other processes' CPU use ------------------------------------------------------------------------
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds used by the whole machine, by this process) so far; None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(values) - values[3] - values[4]  # minus idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-def others_share(before: tuple[float, float] | None, after: tuple[float, float] | None, wall_s: float) -> float | None:
-    """Fraction of all CPUs' time that other processes used between two `cpu_seconds()` calls."""
-    if before is None or after is None:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(others, 0.0) / (wall_s * (os.cpu_count() or 1))
-
-
 # -- report ---------------------------------------------------------------------------------------------
-def machine_info(with_torch: bool) -> dict[str, str]:
-    def run(cmd: Sequence[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-
-    cpu = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
-                if line.startswith("Model name")), platform.processor() or "?")
-    info = {"cpu": f"{cpu}, {os.cpu_count()} cores", "accelerator": ", ".join(str(d) for d in jax.devices()),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "commit": run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"])}
+def machine_info_with(with_torch: bool) -> dict[str, str]:
+    info = {**machine_info(), "accelerator": ", ".join(str(d) for d in jax.devices()), "jax": jax.__version__}
     if with_torch:
         import torch
         import transformers
@@ -337,12 +304,6 @@ def machine_info(with_torch: bool) -> dict[str, str]:
         info["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"
         info["transformers"] = transformers.__version__
     return info
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "(pip install -e '.[parity]' accelerate)", file=sys.stderr)
         else:
             hf_model = load_transformers(presets.resolve(MODEL))
-    info = machine_info(with_torch=hf_model is not None)
+    info = machine_info_with(with_torch=hf_model is not None)
     bandwidth_start = measure_bandwidth()  # measured again at the end; the best of both is kept
 
     rows: list[Row] = []

@@ -52,10 +52,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
 
 from mpo_jax.judge import Judge  # noqa: E402
 from mpo_jax.language_model import LanguageModel, load_model  # noqa: E402
@@ -241,27 +239,7 @@ def instrument(judge: Judge, model: LanguageModel, counts: Counts) -> Callable[[
     return lambda: vars(model.sampler).pop("_run", None)
 
 
-# -- timing and load --------------------------------------------------------------------------------
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds used by the whole machine, by this process) so far; None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(values) - values[3] - values[4]  # minus idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-def others_share(before, after, wall_s: float) -> float | None:
-    """Fraction of all CPUs' time that other processes used between two `cpu_seconds()` calls."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(others, 0.0) / (wall_s * (os.cpu_count() or 1))
-
-
+# -- timing ---------------------------------------------------------------------------------------
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
@@ -330,29 +308,6 @@ def _bench_mode(name: str, judge: Judge, records, responses, repeats: int, count
 
 
 # -- report -----------------------------------------------------------------------------------------
-def machine_info() -> dict[str, str]:
-    def run(cmd: Sequence[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-
-    cpu = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
-                if line.startswith("Model name")), platform.processor() or "?")
-    root = str(Path(__file__).resolve().parents[1])
-    dirty = run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
-    commit = run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
-    return {"cpu": f"{cpu}, {os.cpu_count()} cores", "accelerator": ", ".join(str(d) for d in jax.devices()),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "commit": commit + (" (with uncommitted changes to tracked files)" if dirty not in ("", "?") else "")}
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def share(x: float | None) -> str:
     return "?" if x is None else f"{x:.0%}"
 
@@ -375,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     cpu_before = cpu_seconds()
     model = load_model(MODEL)
-    info = machine_info()
+    info = {**machine_info(), "accelerator": ", ".join(str(d) for d in jax.devices()), "jax": jax.__version__}
     records = load_records("essay", "test", limit=args.batch)
     if len(records) < args.batch:
         raise SystemExit(f"the essay test split has only {len(records)} records; use --batch {len(records)}")

@@ -73,7 +73,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -88,6 +87,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MATMUL_N = 2048
@@ -481,26 +481,6 @@ def run_torch(args: argparse.Namespace) -> dict:
 
 
 # -- the parent: runs both engines, reports ----------------------------------------------------------------
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds used by the whole machine, by this process and its finished children) so far."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(values) - values[3] - values[4]  # minus idle and iowait
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def others_share(before, after, wall_s: float) -> float | None:
-    if before is None or after is None:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(others, 0.0) / (wall_s * (os.cpu_count() or 1))
-
-
 def run_engine(engine: str, args: argparse.Namespace, data: Path, workdir: Path) -> dict:
     result = workdir / f"{engine}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--data", str(data),
@@ -524,27 +504,6 @@ def flops(dims: dict, b: int, p: int, r: int, epochs: int) -> dict[str, float]:
     model = epochs * 3 * (2 * trunk_fwd + lm_head_fwd + value_fwd)
     return dict(model=model, recompute=epochs * 2 * trunk_fwd, n_block=n_block, trunk_fwd=trunk_fwd,
                 lm_head_fwd=lm_head_fwd, attn_fwd=b * t * 4 * layers * t * d_attn)
-
-
-def machine_info() -> dict[str, str]:
-    def run(cmd: Sequence[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return "?"
-
-    cpu = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
-                if line.startswith("Model name")), platform.processor() or "?")
-    mem = next((f"{int(line.split()[1]) / 2**20:.0f} GiB" for line in open("/proc/meminfo", encoding="ascii")
-                if line.startswith("MemTotal")), "?") if os.path.exists("/proc/meminfo") else "?"
-    return {"cpu": f"{cpu}, {os.cpu_count()} cores, {mem} RAM", "python": platform.python_version(),
-            "commit": run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"])}
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def rel(a: float, b: float) -> float:
@@ -664,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     load_before = os.getloadavg()
-    cpu_before = cpu_seconds()
+    cpu_before = cpu_seconds(include_children=True)
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
         workdir = Path(tmp)
         data = workdir / "data.npz"
@@ -679,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 th = run_engine("torch", args, data, workdir)
     wall_s = time.perf_counter() - started
-    others = others_share(cpu_before, cpu_seconds(), wall_s)
+    others = others_share(cpu_before, cpu_seconds(include_children=True), wall_s)
     text = report(args, machine_info(), jx, th, load_before, others, wall_s)
     print(text)
     if args.markdown_out:
