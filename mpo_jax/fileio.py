@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,24 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, errors: str = 
         raise
 
 
-def read_jsonl_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object is an error."""
+def iter_jsonl_objects(path: str | os.PathLike[str]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, stripped line, object) for every non-blank line; a line that is not a JSON
+    object is an error naming the file and line."""
     path = Path(path)
-    rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
+            text = line.strip()
+            if not text:
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    return rows
+            yield number, text, row
+
+
+def read_jsonl_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line (see `iter_jsonl_objects`)."""
+    return [(number, row) for number, _, row in iter_jsonl_objects(path)]

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import constants as tfds_constants
 
+from mpo_jax.fileio import iter_jsonl_objects
 from mpo_jax.tasks import Task, default_data_dir, get_task
 
 __all__ = [
@@ -236,19 +237,9 @@ def _file_sha256(path: Path) -> str:
 def _json_object_lines(path: Path) -> Iterator[str]:
     """The non-blank lines of a JSONL file, each checked to be a JSON object (blank lines skipped)."""
     count = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(value).__name__}")
-            count += 1
-            yield text
+    for _, text, _ in iter_jsonl_objects(path):
+        count += 1
+        yield text
     if count == 0:
         raise ValueError(f"{path} holds no records; remove the empty file or fill it")
 

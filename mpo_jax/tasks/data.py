@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mpo_jax.fileio import iter_jsonl_objects
 
 if TYPE_CHECKING:
     from mpo_jax.tasks.base import Task
@@ -34,17 +35,8 @@ def load_records(task: str | Task, split: str, data_dir: str | os.PathLike[str] 
             f"no {task_obj.name} data at {path}; pass --data-dir DIR (the folder holding "
             f"{task_obj.data_folder}/{split}.jsonl), or data_dir=DIR in Python")
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    for _, _, record in iter_jsonl_objects(path):
+        if limit is not None and len(records) >= limit:
+            break
+        records.append(record)
     return records
