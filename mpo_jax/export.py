@@ -128,24 +128,19 @@ def restore_policy(run: RunCheckpoint) -> tuple[Any, Any, int, dict[str, Any]]:
     """(policy LanguageModel, restored TrainState, update, host state), rebuilt as the trainer does."""
     from mpo_jax.checkpoint import Checkpointer
     from mpo_jax.config import ConfigError
-    from mpo_jax.model_specs import build_model, check_model_available
-    from mpo_jax.rl import create_train_state
+    from mpo_jax.model_specs import build_policy_and_state, check_model_available
 
     config = _read_train_config(run.run_dir)
-    grpo = config.algorithm == "grpo"
-    separate_critic = bool(config.critic.name) and not grpo
     try:
         check_model_available(config.policy, "policy")
-        if separate_critic:
+        if config.critic.name and config.algorithm != "grpo":
             check_model_available(config.critic, "critic")
     except ConfigError as err:
         raise ExportError(f"the run's base model is needed to rebuild the policy: {err}") from None
     # keep is large so that opening the manager can never prune a checkpoint of the run.
     with Checkpointer(run.run_dir / "checkpoints", save_every=1, keep=1 << 30) as checkpointer:
         update = _check_update_available(checkpointer, run.run_dir, run.update)
-        policy = build_model(config.policy, None, value_head=not grpo and not separate_critic, trainable=True)
-        critic = build_model(config.critic, None, value_head=True, trainable=True) if separate_critic else None
-        template = create_train_state(policy, critic, config.update_config.optimizer, needs_values=not grpo)
+        policy, _, template = build_policy_and_state(config, None)
         state, host = checkpointer.restore(update, template)
     return policy, state, update, host
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from jax.sharding import Mesh
 
 from mpo_jax import presets
-from mpo_jax.config import ConfigError, ModelSpec, RemoteSpec
+from mpo_jax.config import ConfigError, ModelSpec, RemoteSpec, TrainConfig
 from mpo_jax.language_model import LanguageModel, from_random, load_model
 
 TINY = "tiny-random"
@@ -48,3 +49,34 @@ def build_remote(spec: RemoteSpec):
 
     return RemoteChatModel(spec.base_url, spec.model, api_key_env=spec.api_key_env or None,
                            timeout_s=spec.timeout_s, max_retries=spec.max_retries, max_concurrency=spec.concurrency)
+
+
+def build_policy_and_state(config: TrainConfig, mesh: Mesh | None):
+    """(policy, separate critic or None, TrainState placed on `mesh`) exactly as the trainer builds them.
+
+    PPO's critic is a value head on the policy trunk unless `critic.name` names a separate model;
+    GRPO has none. Export and evaluation rebuild runs through this too, so a checkpoint always
+    restores into the same parameter tree.
+    """
+    from mpo_jax.rl import create_train_state, place_state
+
+    grpo = config.algorithm == "grpo"
+    separate_critic = bool(config.critic.name) and not grpo
+    policy = build_model(config.policy, mesh, value_head=not grpo and not separate_critic, trainable=True)
+    critic = build_model(config.critic, mesh, value_head=True, trainable=True) if separate_critic else None
+    state = create_train_state(policy, critic, config.update_config.optimizer, needs_values=not grpo)
+    return policy, critic, place_state(state, mesh)
+
+
+def install_policy_params(policy: LanguageModel, state) -> None:
+    """Point the policy (and its sampler) at the state's current weights, trainable and frozen merged."""
+    from flax import nnx
+
+    params = nnx.state(state.policy.merge(state.params["policy"]))
+    policy.params = params
+    policy.sampler.params = params
+
+
+def checkpoint_directory(config: TrainConfig, run_dir: str | Path) -> str | Path:
+    """Where a run's checkpoints live: `checkpoint.directory` (may be gs://) or RUN_DIR/checkpoints."""
+    return config.checkpoint.directory or Path(run_dir) / "checkpoints"

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from mpo_jax import distributed
 from mpo_jax import sharding as sharding_lib
@@ -37,18 +36,23 @@ from mpo_jax.fileio import atomic_write_text
 from mpo_jax.judge import Judge, RubricTooLongError
 from mpo_jax.meta import MetaRewardModel, MetaSample, math_meta_step
 from mpo_jax.metrics import MetricsWriter
-from mpo_jax.model_specs import build_model, build_remote, check_model_available
+from mpo_jax.model_specs import (
+    build_model,
+    build_policy_and_state,
+    build_remote,
+    check_model_available,
+    checkpoint_directory,
+    install_policy_params,
+)
 from mpo_jax.rl import (
     RolloutBatch,
     check_finite,
     compile_rollout_stats,
     compile_update,
-    create_train_state,
     make_grpo_update,
     make_ppo_update,
     make_rollout_stats,
     place_batch,
-    place_state,
 )
 from mpo_jax.rollout import Rollouts, sample_rollouts
 from mpo_jax.rubric import Rubric, RubricError, RubricHistory
@@ -118,10 +122,7 @@ class Trainer:
         self.update_config = config.update_config
         self.rollouts_per_update = config.rollouts_per_update
 
-        separate_critic = bool(config.critic.name) and not self.grpo
-        self.policy = build_model(config.policy, self.mesh, value_head=not self.grpo and not separate_critic,
-                                  trainable=True)
-        critic = build_model(config.critic, self.mesh, value_head=True, trainable=True) if separate_critic else None
+        self.policy, _, self.state = build_policy_and_state(config, self.mesh)
         self.judge_model = (build_remote(config.judge.remote) if config.judge.remote.base_url
                             else build_model(config.judge.model, self.mesh))
         if config.meta.remote.base_url:
@@ -160,13 +161,11 @@ class Trainer:
                                        shuffle=config.data.shuffle, process_index=jax.process_index(),
                                        process_count=processes)
 
-        self.state = place_state(create_train_state(self.policy, critic, self.update_config.optimizer,
-                                                    needs_values=not self.grpo), self.mesh)
         self.rollout_stats = compile_rollout_stats(make_rollout_stats(self.update_config.temperature), self.state,
                                                    self.mesh)
         update_fn = make_grpo_update(self.update_config) if self.grpo else make_ppo_update(self.update_config)
         self.update_step = compile_update(update_fn, self.state, self.mesh)
-        self.checkpointer = Checkpointer(config.checkpoint.directory or self.run_dir / "checkpoints",
+        self.checkpointer = Checkpointer(checkpoint_directory(config, self.run_dir),
                                          save_every=config.checkpoint.every,
                                          keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
         self.update = 0  # updates completed
@@ -177,10 +176,7 @@ class Trainer:
 
     def _sync_policy_params(self) -> None:
         """Point the sampler at the current weights (the update donates the previous buffers)."""
-        module = self.state.policy.merge(self.state.params["policy"])
-        params = nnx.state(module)
-        self.policy.params = params
-        self.policy.sampler.params = params
+        install_policy_params(self.policy, self.state)
 
     def _global_prompts(self) -> tuple[list[dict], list[list[int]]]:
         local = self.iterator.next()

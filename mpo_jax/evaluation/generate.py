@@ -117,29 +117,19 @@ def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None 
 
     `mesh` is a (data, fsdp, tensor) shape; None uses the run's own mesh.
     """
-    from flax import nnx
-
     from mpo_jax.checkpoint import Checkpointer
     from mpo_jax.config import to_train_config
-    from mpo_jax.model_specs import build_model
-    from mpo_jax.rl import create_train_state, place_state
+    from mpo_jax.model_specs import build_policy_and_state, checkpoint_directory, install_policy_params
 
     run_dir = Path(run_dir).expanduser()
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {run_dir}; pass a run directory written by `mpo-jax train`")
     config = to_train_config(json.loads(config_path.read_text(encoding="utf-8")))
-    if not (run_dir / "checkpoints").is_dir():
+    if not config.checkpoint.directory and not (run_dir / "checkpoints").is_dir():
         raise FileNotFoundError(f"run directory {run_dir} has no checkpoints/ folder")
-    placement = device_mesh(config.mesh if mesh is None else mesh)
-    grpo = config.algorithm == "grpo"
-    separate_critic = bool(config.critic.name) and not grpo
-    policy = build_model(config.policy, placement, value_head=not grpo and not separate_critic, trainable=True)
-    critic = (build_model(config.critic, placement, value_head=True, trainable=True) if separate_critic
-              else None)
-    state = place_state(create_train_state(policy, critic, config.update_config.optimizer, needs_values=not grpo),
-                        placement)
-    checkpointer = Checkpointer(run_dir / "checkpoints", save_every=config.checkpoint.every,
+    policy, _, state = build_policy_and_state(config, device_mesh(config.mesh if mesh is None else mesh))
+    checkpointer = Checkpointer(checkpoint_directory(config, run_dir), save_every=config.checkpoint.every,
                                 keep=config.checkpoint.keep)
     try:
         chosen = checkpointer.latest_update() if update is None else update
@@ -148,9 +138,7 @@ def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None 
         state, _ = checkpointer.restore(chosen, state)
     finally:
         checkpointer.close()
-    params = nnx.state(state.policy.merge(state.params["policy"]))
-    policy.params = params
-    policy.sampler.params = params
+    install_policy_params(policy, state)
     return RestoredPolicy(model=policy, config=config, update=int(chosen), run_dir=run_dir)
 
 
