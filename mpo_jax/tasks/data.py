@@ -1,4 +1,4 @@
-"""Reading a task's JSONL records from the shared data folder."""
+"""Reading a task's JSONL records from the data folder that ships with the project."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ _SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def default_data_dir() -> Path:
-    """`<checkout>/../shared/data`: the project's data lives next to the repository checkout."""
-    return (Path(__file__).parents[2] / ".." / "shared" / "data").resolve()
+    """`<checkout>/data`: the task files (JSONL per task and split, with licence notes) ship with the project."""
+    return (Path(__file__).parents[2] / "data").resolve()
 
 
 def load_records(task: str | Task, split: str, data_dir: str | os.PathLike[str] | None = None, *,
