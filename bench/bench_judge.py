@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.generate_repeats))
     judges.append(("logits, no prefix reuse", Judge(model, reuse_prefix=False, **common), args.repeats))
     judges.append(("logits + prefix reuse", Judge(model, **common), args.repeats))
-    prefix_tokens = len(tok.encode(judges[-1][1]._prefix_text(RUBRIC), add_bos=False))
+    prefix_tokens = judges[-1][1].rubric_tokens(RUBRIC)
     results = []
     for name, judge, repeats in judges:
         results.append(bench_mode(model, name, judge, records, responses, repeats))

@@ -20,7 +20,6 @@ def get_config():
     config.policy.lora_rank = 16
     config.policy.lora_alpha = 32.0
     config.judge.model.name = "smollm2-135m-instruct"
-    config.judge.max_rubric_tokens = 768
     config.judge.initial_rubric = "iter0"
     config.meta.interval = 2
     config.meta.num_samples = 2

@@ -6,10 +6,23 @@
 
 Variant = "{task}_{algorithm}_{rubric}" with task in essay / summarization / ethics / math,
 algorithm ppo / grpo, rubric mpo (iter0 rubric evolved by the meta step) / iter0 / expert (fixed).
-Policy: Qwen2-1.5B-Instruct, LoRA r=64 alpha=128 on all linear projections, a separate full
-critic (TRL's value model); judge and meta model: Qwen2.5-72B-Instruct (a 7B/32B judge is one
-override away: --config.judge.model.name=...). Hyper-parameters follow the published launch
-scripts (lr 3e-6, kl 0.02, missing-EOS penalty 1.0, 4 PPO epochs, batch 64, temperature 0.7).
+Policy: Qwen2-1.5B-Instruct, LoRA r=64 alpha=128 on q/k/v/o/gate/up/down and lm_head (the
+original's target modules), a separate full critic (TRL's value model); judge and meta model:
+Qwen2.5-72B-Instruct (a 7B/32B judge is one override away: --config.judge.model.name=...).
+Hyper-parameters follow the published launch scripts (lr 3e-6, kl 0.02, missing-EOS penalty 1.0,
+4 PPO epochs, batch 64, temperature 0.7).
+
+Updates per task are those the paper's meta-step counts imply at its intervals: essay 407
+(26,013 prompts / 64; 40 meta steps at interval 10), summarization 580 (29 at interval 20),
+ethics 203 (13K / 64; 20 at interval 10), math 118 (7,500 / 64, interval 30). Summarization
+prompts over 4,000 tokens are filtered out, as in the original.
+
+The judge follows the published protocol: per rubric item a rationale of up to 300 tokens (the
+original's max_tokens), then an integer score (`judge.mode = "generate"`). The documented fast
+option is `--config.judge.mode=logits`: per item the expected score under the next-token
+distribution where the score would be written, with no rationale and no decoding. The meta
+model's budgets are the original's: 2,000 tokens per meta-analysis and 500 per generated
+criterion; the judge's rubric length and item count derive from them.
 
 Model paths are local folders (Hugging Face checkpoints: config.json + safetensors); on a TPU VM
 download them once (`huggingface-cli download Qwen/Qwen2-1.5B-Instruct --local-dir ...`) or point
@@ -22,12 +35,13 @@ These configs are untested at full scale: this repository's CI runs on a 2-core 
 
 from mpo_jax.config import default_config
 
-TASKS = {  # task -> (meta interval, response tokens, max prompt tokens)
-    "essay": (10, 400, 256),
-    "summarization": (20, 400, 2048),
-    "ethics": (10, 400, 1024),
-    "math": (30, 1000, 512),
+TASKS = {  # task -> (meta interval, updates, response tokens, max prompt tokens)
+    "essay": (10, 407, 400, 256),
+    "summarization": (20, 580, 400, 4000),
+    "ethics": (10, 203, 400, 1024),
+    "math": (30, 118, 1000, 512),
 }
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 MODELS = "/models"  # override: --config.policy.name=... etc.
 
 
@@ -40,31 +54,33 @@ def get_config(variant: str = "essay_ppo_mpo"):
         raise ValueError(f"unknown paper variant {variant!r}: use {{task}}_{{ppo|grpo}}_{{mpo|iter0|expert}} with "
                          f"task in {', '.join(TASKS)} (e.g. essay_ppo_mpo)")
     task, algorithm, rubric = parts
-    interval, response_tokens, prompt_tokens = TASKS[task]
+    interval, updates, response_tokens, prompt_tokens = TASKS[task]
     config = default_config()
     config.run_dir = f"runs/paper_{variant}"
     config.task = task
     config.algorithm = algorithm
     config.seed = 42
-    config.num_updates = 407 if task == "essay" else 118
+    config.num_updates = updates
     config.mesh = (1, 4, 1)
 
     config.policy.name = f"{MODELS}/Qwen2-1.5B-Instruct"
     config.policy.dtype = "bfloat16"
     config.policy.lora_rank = 64
     config.policy.lora_alpha = 128.0
-    config.policy.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    config.policy.lora_targets = LORA_TARGETS
     config.critic.name = f"{MODELS}/Qwen2-1.5B-Instruct" if algorithm == "ppo" else ""
     config.critic.dtype = "bfloat16"
     config.judge.model.name = f"{MODELS}/Qwen2.5-72B-Instruct"
     config.judge.model.dtype = "bfloat16"
-    config.judge.mode = "logits"
-    config.judge.max_rubric_tokens = 4096
+    config.judge.mode = "generate"  # the published protocol; "logits" is the fast option
+    config.judge.rationale_tokens = 300  # the original's max_tokens per rationale
     config.judge.initial_rubric = "iter0" if rubric in ("mpo", "iter0") else "expert"
     config.meta.enabled = rubric == "mpo"
     config.meta.interval = interval
     config.meta.num_samples = 16
     config.meta.model.name = ""  # the judge's model
+    config.meta.analysis_tokens = 2000
+    config.meta.item_tokens = 500
 
     config.data.batch_size = 64 if algorithm == "ppo" else 8
     config.data.max_prompt_tokens = prompt_tokens

@@ -13,7 +13,10 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("full", "dots")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Adapter targets: the per-layer projections, and the output projection `lm_head` (for a tied
+# model the transposed embedding; its adapter changes the logits only, never the input embedding).
+LAYER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = (*LAYER_LORA_TARGETS, "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,7 @@ class ModelConfig:
     eos_token_id: int | None = None
     lora_rank: int = 0  # > 0 adds low-rank adapters to `lora_targets`
     lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = LAYER_LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -143,12 +146,17 @@ def canonical_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def lora_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Adapter shapes: `layers.{target}_lora_a` [L, in, r] and `layers.{target}_lora_b` [L, r, out]."""
+    """Adapter shapes: `layers.{target}_lora_a` [L, in, r] and `layers.{target}_lora_b` [L, r, out];
+    for `lm_head`, `lm_head_lora_a` [D, r] and `lm_head_lora_b` [r, V], tied or not."""
     if not config.lora_rank:
         return {}
     base = canonical_param_shapes(config)
     shapes = {}
     for target in config.lora_targets:
+        if target == "lm_head":
+            shapes["lm_head_lora_a"] = (config.hidden_size, config.lora_rank)
+            shapes["lm_head_lora_b"] = (config.lora_rank, config.vocab_size)
+            continue
         layers, fan_in, fan_out = base[f"layers.{target}"]
         shapes[f"layers.{target}_lora_a"] = (layers, fan_in, config.lora_rank)
         shapes[f"layers.{target}_lora_b"] = (layers, config.lora_rank, fan_out)

@@ -31,11 +31,17 @@ CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", None, "kv_heads", None)
 
 
 def logical_axes(name: str) -> tuple[str | None, ...]:
-    """Axes of a parameter; a LoRA factor shares the split of its base matrix's outer dimension."""
-    for suffix, keep in (("_lora_a", 1), ("_lora_b", 2)):
-        if name.endswith(suffix):
-            base = logical_axes(name[: -len(suffix)])
-            return ("layers", base[1], None) if keep == 1 else ("layers", None, base[2])
+    """Axes of a parameter; a LoRA factor shares the split of its base matrix's outer dimension.
+
+    A [..., in, r] keeps the base's input axis, B [..., r, out] its output axis; a leading
+    layer axis stays. `lm_head_lora_*` follow `lm_head` (embed, vocab) also for a tied model,
+    whose output projection is the transposed embedding.
+    """
+    if name.endswith("_lora_a"):
+        return (*logical_axes(name[: -len("_lora_a")])[:-1], None)
+    if name.endswith("_lora_b"):
+        base = logical_axes(name[: -len("_lora_b")])
+        return (*base[:-2], None, base[-1])
     try:
         return LOGICAL_AXES[name]
     except KeyError:

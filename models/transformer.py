@@ -129,6 +129,13 @@ class LoRAParam(nnx.Param):
     """A low-rank adapter weight: the only trainable parameters in LoRA fine-tuning."""
 
 
+def fresh_adapter(name: str, shape: tuple[int, ...], param_dtype: jnp.dtype, rngs: nnx.Rngs) -> LoRAParam:
+    """A is random and B is zero, so a fresh adapter leaves the model unchanged."""
+    if name.endswith("_lora_a"):
+        return LoRAParam(jax.random.normal(rngs.params(), shape, param_dtype) * shape[-2] ** -0.5)
+    return LoRAParam(jnp.zeros(shape, param_dtype))
+
+
 class DecoderLayers(nnx.Module):
     """All decoder blocks, weights stacked on a leading layer axis."""
 
@@ -136,10 +143,8 @@ class DecoderLayers(nnx.Module):
         shapes = canonical_param_shapes(config)
         param_dtype = jnp.dtype(config.param_dtype)
         for name, shape in lora_param_shapes(config).items():
-            # A is random and B is zero, so a fresh adapter leaves the model unchanged.
-            value = (jax.random.normal(rngs.params(), shape, param_dtype) * shape[-2] ** -0.5
-                     if name.endswith("_lora_a") else jnp.zeros(shape, param_dtype))
-            setattr(self, name.split(".", 1)[1], LoRAParam(value))
+            if name.startswith("layers."):
+                setattr(self, name.split(".", 1)[1], fresh_adapter(name, shape, param_dtype, rngs))
         for name in _LAYER_PARAMS + (_BIAS_PARAMS if config.attention_bias else ()):
             shape = shapes[f"layers.{name}"]
             if name.endswith("norm"):
@@ -172,6 +177,10 @@ class Transformer(nnx.Module):
         self.final_norm = nnx.Param(jnp.ones((d,), param_dtype))
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Param(jax.random.normal(rngs.params(), (d, v), param_dtype) * d ** -0.5)
+        # The output projection's adapter sits beside it (tied or not), outside the layer scan.
+        for name, shape in lora_param_shapes(config).items():
+            if name.startswith("lm_head_"):
+                setattr(self, name, fresh_adapter(name, shape, param_dtype, rngs))
         if config.value_head:
             self.value_head = ValueHead(d, param_dtype, rngs=rngs)
 
@@ -179,14 +188,26 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, valid: jax.Array | None = None,
                  cache: KVCache | None = None, *, adapters: bool = True) -> tuple[jax.Array, KVCache | None]:
         hidden, cache = self.hidden_states(tokens, valid, cache, adapters=adapters)
-        return self.logits_from_hidden(hidden), cache
+        return self.logits_from_hidden(hidden, adapters=adapters), cache
 
-    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        dtype = jnp.dtype(self.config.dtype)
+    def logits_from_hidden(self, hidden: jax.Array, *, adapters: bool = True) -> jax.Array:
+        """Float32 logits of final hidden states; `adapters=False` skips an `lm_head` adapter.
+
+        A reference-policy forward must pass the same `adapters` here as to `hidden_states`.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
         hidden = hidden.astype(dtype)
-        if not self.config.tie_word_embeddings:
-            return jnp.dot(hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
-        return tied_logits(hidden, self.embed[...].astype(dtype))
+        if not c.tie_word_embeddings:
+            logits = jnp.dot(hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            # Tied: the transposed input embedding; an adapter adds to this product only.
+            logits = tied_logits(hidden, self.embed[...].astype(dtype))
+        if adapters and c.lora_rank and "lm_head" in c.lora_targets:
+            low_rank = jnp.dot(hidden, self.lm_head_lora_a[...].astype(dtype))
+            logits = logits + (c.lora_alpha / c.lora_rank) * jnp.dot(
+                low_rank, self.lm_head_lora_b[...].astype(dtype), preferred_element_type=jnp.float32)
+        return logits
 
     def values_from_hidden(self, hidden: jax.Array) -> jax.Array:
         if not self.config.value_head:
@@ -200,7 +221,8 @@ class Transformer(nnx.Module):
 
         `valid` [B, T] marks real tokens (default: all). With a cache, the tokens are written
         at slots [cache.cursor, cache.cursor + T) and attend to every valid earlier slot.
-        `adapters=False` runs the base model of a LoRA model (the PPO reference policy).
+        `adapters=False` runs the base model of a LoRA model (the PPO reference policy); pass the
+        same flag to `logits_from_hidden`, which holds an `lm_head` adapter.
         """
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
         start = jnp.zeros(tokens.shape[:1], jnp.int32) if cache is None else cache.next_position
@@ -262,7 +284,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         inv_freq = rope_inverse_frequencies(c)
         names = _LAYER_PARAMS + (_BIAS_PARAMS if c.attention_bias else ())
-        lora_targets = c.lora_targets if (adapters and c.lora_rank) else ()
+        lora_targets = tuple(t for t in c.lora_targets if t != "lm_head") if (adapters and c.lora_rank) else ()
         names += tuple(f"{t}_lora_{ab}" for t in lora_targets for ab in "ab")
         layer_params = {name: getattr(self.layers, name)[...] for name in names}
         lora_scale = c.lora_alpha / max(c.lora_rank, 1)

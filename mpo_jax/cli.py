@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load_judge_side(args: argparse.Namespace):
     """(model, task, rubric) for `score` and `meta`: a local model or an OpenAI-compatible endpoint."""
-    from mpo_jax.rubric import Rubric
+    from mpo_jax.rubric import Rubric, RubricError
     from mpo_jax.tasks import get_task
 
     task = get_task(args.task)
@@ -84,7 +84,10 @@ def _load_judge_side(args: argparse.Namespace):
         if not path.is_file():
             raise FileNotFoundError(f"--rubric {args.rubric!r} is neither one of this task's rubrics "
                                     f"({', '.join(task.initial_rubrics)}) nor a file")
-        rubric = Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+        try:
+            rubric = Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+        except RubricError as err:
+            raise RubricError(f"--rubric {path}: {err}") from err
     if args.base_url:
         from mpo_jax.backends.remote import RemoteChatModel
 
@@ -125,7 +128,8 @@ def _meta(args: argparse.Namespace) -> int:
     rows = read_rows(args.buffer, need_score=True)
     model, task, rubric = _load_judge_side(args)
     mrm = MetaRewardModel(model, task=task, num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
-                          item_tokens=args.item_tokens)
+                          item_tokens=args.item_tokens, max_items=args.max_items,
+                          merged_rubric_words=args.merged_rubric_words, sense_check=not args.no_sense_check)
     out = meta_from_rows(mrm, rubric, rows, args.out, seed=args.seed)
     print(f"meta step written to {out} (rubric_history.json, rubric_iter_*.txt, meta_evaluation_0.json)")
     return 0
@@ -185,8 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--buffer", required=True, help="JSONL: {\"prompt\" or \"record\", \"response\", \"score\"}")
     meta.add_argument("--out", required=True, help="folder for the new rubric and meta_evaluation_0.json")
     meta.add_argument("--num-samples", type=int, default=16)
-    meta.add_argument("--analysis-tokens", type=int, default=1024)
-    meta.add_argument("--item-tokens", type=int, default=512)
+    meta.add_argument("--analysis-tokens", type=int, default=2000, help="per meta-analysis (the original's 2,000)")
+    meta.add_argument("--item-tokens", type=int, default=500, help="per generated criterion (the original's 500)")
+    meta.add_argument("--max-items", type=int, default=0,
+                      help="clamp the criteria count (0: only the task's rubric item limit)")
+    meta.add_argument("--merged-rubric-words", type=int, default=0,
+                      help="whole-rubric word budget asked for in the merge prompt (0: none, as the original)")
+    meta.add_argument("--no-sense-check", action="store_true",
+                      help="accept criteria that copy the samples or carry no scoring guidance")
     meta.add_argument("--seed", type=int, default=0)
     meta.set_defaults(func=_meta)
 

@@ -7,11 +7,12 @@ A checkpoint stores only what training changed (LoRA adapters or all weights, a 
 optimizer state); the rest comes from the base model named in the run's `config.json`. So the
 policy is rebuilt exactly as the trainer builds it, the checkpoint is restored onto it, each
 LoRA adapter is folded into its base matrix (W + (alpha / rank) * A @ B, matrices stored
-(in, out) as in `models/transformer.py`), the value head is dropped, and the weights are
-written with `export_hf_checkpoint` next to the tokenizer files (tokenizer.json or
-tokenizer.model, tokenizer_config.json with the chat template and special tokens,
-generation_config.json with the end-of-turn ids). A GGUF-sourced model has no tokenizer files
-of its own: they are written from the `Tokenizer` rebuilt from the GGUF metadata.
+(in, out) as in `models/transformer.py`; an `lm_head` adapter on a tied model unties it), the
+value head is dropped, and the weights are written with `export_hf_checkpoint` next to the
+tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json with the chat
+template and special tokens, generation_config.json with the end-of-turn ids). A GGUF-sourced
+model has no tokenizer files of its own: they are written from the `Tokenizer` rebuilt from the
+GGUF metadata.
 """
 
 from __future__ import annotations
@@ -159,17 +160,21 @@ def merged_policy_params(state: Any, model_config: Any) -> tuple[dict[str, np.nd
 def merge_lora(flat: Mapping[str, np.ndarray], model_config: Any) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """Fold each adapter into its matrix, W + (alpha / rank) * A @ B, and drop adapters and value head.
 
-    The sum is formed in float32 and cast back to the weight's dtype once.
+    The sum is formed in float32 and cast back to the weight's dtype once. An `lm_head` adapter
+    on a tied model is folded into a copy of the transposed embedding, which becomes a separate
+    `lm_head`: the input embedding stays as trained, so the merged model is untied
+    (`exported_model_config` says so in its config).
     """
     params = dict(flat)
     merged: list[str] = []
     if model_config.lora_rank:
         scale = model_config.lora_alpha / model_config.lora_rank
         for target in model_config.lora_targets:
-            key = f"layers.{target}"
-            a = params.pop(f"{key}_lora_a").astype(np.float32)  # [L, in, r]
-            b = params.pop(f"{key}_lora_b").astype(np.float32)  # [L, r, out]
-            base = params[key]
+            key = "lm_head" if target == "lm_head" else f"layers.{target}"
+            a = params.pop(f"{key}_lora_a").astype(np.float32)  # [L, in, r] ([D, r] for lm_head)
+            b = params.pop(f"{key}_lora_b").astype(np.float32)  # [L, r, out] ([r, V] for lm_head)
+            # A tied model's output projection is the transposed embedding.
+            base = params["embed"].T if key == "lm_head" and key not in params else params[key]
             params[key] = (base.astype(np.float32) + scale * np.matmul(a, b)).astype(base.dtype)
             merged.append(target)
     leftover = sorted(name for name in params if "_lora_" in name)
@@ -179,6 +184,12 @@ def merge_lora(flat: Mapping[str, np.ndarray], model_config: Any) -> tuple[dict[
     params.pop("value_head.kernel", None)
     params.pop("value_head.bias", None)
     return params, tuple(merged)
+
+
+def exported_model_config(model_config: Any, params: Mapping[str, np.ndarray]) -> Any:
+    """The config of merged params: no adapters or value head, untied when `lm_head` was merged apart."""
+    return model_config.replace(lora_rank=0, value_head=False, remat=False,
+                                tie_word_embeddings=model_config.tie_word_embeddings and "lm_head" not in params)
 
 
 # -- tokenizer files -------------------------------------------------------------------------------
@@ -287,7 +298,7 @@ def export_policy(checkpoint_or_run_dir: str | os.PathLike, out_dir: str | os.Pa
     _check_out_dir(out, run.run_dir)
     policy, state, restored_update, host = restore_policy(run)
     params, merged = merged_policy_params(state, policy.config)
-    model_config = policy.config.replace(lora_rank=0, value_head=False, remat=False)
+    model_config = exported_model_config(policy.config, params)
     out_dtype = dtype or model_config.param_dtype
     export_hf_checkpoint(model_config, params, out, dtype=out_dtype, max_shard_bytes=max_shard_bytes)
     save_tokenizer(policy.tokenizer, out, model_max_length=model_config.max_position_embeddings)
@@ -340,5 +351,5 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 __all__ = ["ExportError", "ExportResult", "RunCheckpoint", "add_export_arguments", "export_policy",
-           "locate_checkpoint", "merge_lora", "merged_policy_params", "restore_policy", "run_export",
-           "save_tokenizer"]
+           "exported_model_config", "locate_checkpoint", "merge_lora", "merged_policy_params", "restore_policy",
+           "run_export", "save_tokenizer"]

@@ -13,12 +13,16 @@ Two modes share one conversation layout, the rubric living in the system turn:
 
 Swapping the rubric changes array contents only: nothing recompiles. A rubric longer than
 `max_rubric_tokens` is refused at `set_rubric`, never truncated.
+
+Each item's score range is the scale stated at the end of its first line (`rubric.item_scale`,
+e.g. `### Evidence (0-10)`), read once per rubric in `set_rubric`; a rubric without scales is
+refused (`ScaleError`) wherever the judge needs them. MATH guidelines carry no scale: the MATH
+judge scores 0-5 by its own program.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +34,7 @@ from mpo_jax import chat_session, judge_engine
 from mpo_jax import sharding as sharding_lib
 from mpo_jax.language_model import Conversation, LanguageModel
 from mpo_jax.models.kv_cache import KVCache
-from mpo_jax.rubric import Rubric
+from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricError, rubric_scales
 from mpo_jax.sampling import GenerationState, bucket
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.math_reasoning import MathTask, answer_check, rationale_gate, subject_id
@@ -38,26 +42,17 @@ from mpo_jax.tasks.math_reasoning import MathTask, answer_check, rationale_gate,
 MODES = ("logits", "generate")
 AGGREGATES = ("sum", "mean_normalized")
 ITEM_BUCKETS = (1, 2, 4, 8, 16, 32)
-CANDIDATE_BUCKETS = (8, 16, 32, 64, 100)
+CANDIDATE_BUCKETS = (8, 16, 32, 64, 101)  # up to a 0-100 scale
 PREFIX_BUCKETS = (1, 2, 4, 10)
 # Row and item-turn lengths of the logits mode, in quarter-octave steps: padding costs at most
 # ~25% of a prefill (power-of-two buckets waste up to half), for a bounded number of shapes.
 LENGTH_BUCKETS = tuple(sorted({16, 32, 48} | {p + q * p // 4 for p in (2 ** e for e in range(6, 14))
                                                for q in range(4)}))
-_RANGE = re.compile(r"(?<![\d.])(\d{1,2})\s*(?:-|–|—|to)\s*(\d{1,2})(?![\d.])")
 
 
-class RubricTooLongError(ValueError):
-    """The rubric does not fit the judge's fixed rubric length."""
-
-
-def item_score_range(item: str, default: tuple[int, int] = (0, 5)) -> tuple[int, int]:
-    """The first 'lo-hi' / 'lo to hi' range in an item's text (e.g. '0-5', '1–6'), else `default`."""
-    for match in _RANGE.finditer(item):
-        lo, hi = int(match.group(1)), int(match.group(2))
-        if lo < hi <= 99:
-            return lo, hi
-    return default
+class RubricTooLongError(RubricError):
+    """The rubric does not fit this judge: too many items, a prefix over `max_rubric_tokens`, or
+    (logits mode) a scale whose scores the scorer cannot read. A `RubricError`, hence a `ValueError`."""
 
 
 def item_reminder(item: str, max_words: int | None) -> str:
@@ -84,8 +79,9 @@ class Judge:
     """Scores responses with a local `LanguageModel` against a `Rubric`."""
 
     def __init__(self, model: LanguageModel, *, task: str | Task, mode: str = "logits",
-                 max_rubric_tokens: int = 1024, aggregate: str = "sum", default_range: tuple[int, int] = (0, 5),
-                 reuse_prefix: bool = True, rationale_tokens: int = 128, temperature: float = 0.0,
+                 max_rubric_tokens: int = 1024, aggregate: str = "sum",
+                 reuse_prefix: bool = True, rationale_tokens: int = 128, plan_tokens: int = 2000,
+                 temperature: float = 0.0,
                  max_items: int = 16, math_llm_probability: float = 0.5, seed: int = 0,
                  item_reminder_words: int | None = 12, item_turn_tokens: int = 64,
                  length_buckets: Sequence[int] = LENGTH_BUCKETS):
@@ -98,8 +94,16 @@ class Judge:
             raise ValueError("a remote judge has no logits: use mode='generate' with a RemoteChatModel")
         self.model, self.mode, self.aggregate = model, mode, aggregate
         self.task = get_task(task) if isinstance(task, str) else task
-        self.max_rubric_tokens, self.default_range = max_rubric_tokens, default_range
+        self.max_rubric_tokens = max_rubric_tokens
         self.reuse_prefix, self.rationale_tokens, self.temperature = reuse_prefix, rationale_tokens, temperature
+        # MATH's plan and its execution are each a long generation (a worked solution, then a
+        # step-by-step check), not a one-sentence rationale.
+        self.plan_tokens = plan_tokens
+        # Item scales are needed by tasks that require them and wherever the judge reads a range
+        # (logits candidates, normalisation); MATH scores 0-5 by its own program instead.
+        limits = getattr(self.task, "rubric_limits", DEFAULT_LIMITS)
+        self.requires_scale = not isinstance(self.task, MathTask) and (
+            limits.require_scale or mode == "logits" or aggregate == "mean_normalized")
         self.max_items = bucket(max_items, ITEM_BUCKETS, "max_items")
         if item_reminder_words is not None and item_reminder_words < 0:
             raise ValueError("item_reminder_words must be >= 0 (words of the item repeated in its turn) or None "
@@ -112,6 +116,8 @@ class Judge:
         self.item_turn_tokens = item_turn_tokens
         self.length_buckets = tuple(sorted(length_buckets))
         self.rubric: Rubric | None = None
+        self._scales: tuple[tuple[int, int], ...] | None = None  # per item of `rubric`, when required
+        self._tables: judge_engine.CandidateTables | None = None  # logits mode: score candidates per item
         # MATH: each sample is judged by the answer check or, with this probability, by the LLM's
         # plan-then-execute program; `guidelines` maps a subject id to its guideline text.
         self.math_llm_probability = math_llm_probability
@@ -136,22 +142,49 @@ class Judge:
     def _prefix_text(self, rubric: Rubric) -> str:
         return self.model.tokenizer.apply_chat_template(self._prefix_messages(rubric), add_generation_prompt=False)
 
+    def _prefix_ids(self, rubric: Rubric) -> list[int]:
+        return self.model.tokenizer.encode(self._prefix_text(rubric), add_bos=False)
 
-    def set_rubric(self, rubric: Rubric) -> None:
-        """Install a rubric: its prefix tokens become the new input array (no recompilation)."""
+    def rubric_tokens(self, rubric: Rubric) -> int | None:
+        """Tokens of the rubric prefix this judge would prefill; None for a remote judge (its
+        tokenizer is the server's, so no local count would be the true one)."""
+        return len(self._prefix_ids(rubric)) if self.local else None
+
+    def _admit(self, rubric: Rubric) -> tuple[tuple[tuple[int, int], ...] | None, list[int] | None,
+                                              judge_engine.CandidateTables | None]:
+        """(scales, prefix ids, candidate tables) for `rubric`, or the error saying why it does not fit."""
         if len(rubric.items) > self.max_items:
             raise RubricTooLongError(f"rubric has {len(rubric.items)} items; this judge takes at most "
                                      f"{self.max_items} (max_items)")
+        scales = rubric_scales(rubric) if self.requires_scale else None
         if not self.local:
-            self.rubric = rubric
-            return
-        ids = self.model.tokenizer.encode(self._prefix_text(rubric), add_bos=False)
+            return scales, None, None
+        ids = self._prefix_ids(rubric)
         if len(ids) > self.max_rubric_tokens:
             raise RubricTooLongError(f"rubric prefix is {len(ids)} tokens but max_rubric_tokens is "
                                      f"{self.max_rubric_tokens}; shorten the rubric or raise max_rubric_tokens")
-        self._prefix_tokens, self._prefix_valid = _left_pad([ids], 1, self.max_rubric_tokens,
-                                                            self.model.tokenizer.pad_id)
-        self.rubric, self._prefix_cache = rubric, None
+        tables = self._candidate_tables(scales) if self.mode == "logits" and scales is not None else None
+        return scales, ids, tables
+
+    def fits(self, rubric: Rubric) -> bool:
+        """Whether `set_rubric(rubric)` would accept it (item count, prefix tokens, item scales)."""
+        try:
+            self._admit(rubric)
+        except RubricError:
+            return False
+        return True
+
+    def set_rubric(self, rubric: Rubric) -> None:
+        """Install a rubric: its prefix tokens become the new input array (no recompilation).
+
+        Raises `RubricTooLongError` or `ScaleError` (both `RubricError`s) for a rubric that does
+        not fit; the previous rubric then stays installed.
+        """
+        scales, ids, tables = self._admit(rubric)
+        if self.local:
+            self._prefix_tokens, self._prefix_valid = _left_pad([ids], 1, self.max_rubric_tokens,
+                                                                self.model.tokenizer.pad_id)
+        self.rubric, self._scales, self._tables, self._prefix_cache = rubric, scales, tables, None
 
     def _prefix(self, capacity: int, batch: int = 1) -> KVCache:
         """The rubric prefix in a KV cache with `capacity` slots (prefilled once per rubric)."""
@@ -199,8 +232,7 @@ class Judge:
     def _aggregate(self, item_scores: Sequence[float]) -> float:
         if self.aggregate == "sum":
             return float(np.sum(item_scores))
-        ranges = [item_score_range(item, self.default_range) for item in self.rubric.items]
-        normalized = [(s - lo) / (hi - lo) for s, (lo, hi) in zip(item_scores, ranges, strict=True)]
+        normalized = [(s - lo) / (hi - lo) for s, (lo, hi) in zip(item_scores, self._scales, strict=True)]
         return float(np.clip(np.mean(normalized), 0.0, 1.0))
 
     def _sample_messages(self, record: dict, response: str) -> list[dict]:
@@ -210,7 +242,7 @@ class Judge:
         return [{"role": "user", "content": self.task.item_rationale_request(index + 1, item)}]
 
     def _logits_item_turn(self, index: int, item: str) -> list[dict]:
-        lo, hi = item_score_range(item, self.default_range)
+        lo, hi = self._scales[index]
         content = (f"Rubric item #{index + 1}:\n{item_reminder(item, self.item_reminder_words)}\n\n"
                    f"{self.task.item_score_request()} "
                    f"Answer with one integer from {lo} to {hi}.")
@@ -250,13 +282,7 @@ class Judge:
         for j in range(len(self.rubric.items)):
             t, v = _left_pad([r[j] for r in items], batch, item_len, self.model.tokenizer.pad_id)
             item_tokens[j], item_valid[j] = t, v | item_valid[j]
-        ranges = [item_score_range(item, self.default_range) for item in self.rubric.items]
-        widest = max(hi - lo + 1 for lo, hi in ranges)
-        starts = max(len({t[0] for t in map(self._encode_number, range(lo, hi + 1)) if len(t) > 1})
-                     for lo, hi in ranges)
-        tables = judge_engine.candidate_tables(ranges, self._encode_number, k,
-                                               bucket(widest, CANDIDATE_BUCKETS, "score range size"),
-                                               bucket(max(starts, 1), PREFIX_BUCKETS, "two-token score prefixes"))
+        tables = self._tables
         capacity = self.max_rubric_tokens
         # Without reuse every row prefills the rubric prefix itself, as a plain judge would.
         prefix = self._prefix(capacity) if self.reuse_prefix else self._prefix(capacity, batch)
@@ -270,6 +296,18 @@ class Judge:
     def _encode_number(self, n: int) -> list[int]:
         return self.model.tokenizer.encode(str(n), add_bos=False)
 
+    def _candidate_tables(self, scales: Sequence[tuple[int, int]]) -> judge_engine.CandidateTables:
+        """Score candidates of every item; a scale the scorer cannot read is `RubricTooLongError`."""
+        try:
+            widest = max(hi - lo + 1 for lo, hi in scales)
+            starts = max(len({t[0] for t in map(self._encode_number, range(lo, hi + 1)) if len(t) > 1})
+                         for lo, hi in scales)
+            return judge_engine.candidate_tables(scales, self._encode_number, self.max_items,
+                                                 bucket(widest, CANDIDATE_BUCKETS, "score range size"),
+                                                 bucket(max(starts, 1), PREFIX_BUCKETS, "two-token score prefixes"))
+        except ValueError as err:
+            raise RubricTooLongError(f"the logits judge cannot score this rubric's scales: {err}") from err
+
     def _score_generate(self, rows) -> list[JudgeResult]:
         session = self._generate_session(rows)
         item_scores = [[] for _ in rows]
@@ -281,7 +319,8 @@ class Judge:
             for i, reply in enumerate(session.say(turns, max_tokens=self.rationale_tokens, stop=("<EOE>",),
                                                   temperature=self.temperature)):
                 rationales[i].append(reply.strip())
-            for i, value in enumerate(session.say_integer([score_turn] * len(rows), max_digits=2)):
+            digits = max(2, len(str(self._scales[k][1]))) if self._scales else 2  # 3 for a (0-100) item
+            for i, value in enumerate(session.say_integer([score_turn] * len(rows), max_digits=digits)):
                 failures[i] += value is None
                 item_scores[i].append(float(value or 0))  # an unreadable score counts 0, as published
         return [JudgeResult(score=self._aggregate(item_scores[i]), item_scores=item_scores[i],
@@ -319,11 +358,11 @@ class Judge:
         session = chat_session.open_session(self.model, [[{"role": "system", "content": self.task.judge_system}]
                                                          for _ in records])
         plans = session.say([[{"role": "user", "content": self.task.judge_plan_request(r, self._guideline_for(r))}]
-                             for r in records], max_tokens=self.rationale_tokens, stop=("<EOE>",),
+                             for r in records], max_tokens=self.plan_tokens, stop=("<EOE>",),
                             temperature=self.temperature)
         evaluations = session.say([[{"role": "user", "content": self.task.judge_execute_request(p, resp)}]
                                    for p, resp in zip(plans, responses, strict=True)],
-                                  max_tokens=self.rationale_tokens, stop=("<EOE>",), temperature=self.temperature)
+                                  max_tokens=self.plan_tokens, stop=("<EOE>",), temperature=self.temperature)
         scores = session.say_integer([[{"role": "user", "content": self.task.judge_score_request(e)}]
                                       for e in evaluations], max_digits=1)
         return [JudgeResult(score=float(min(s, 5) if s is not None else 0), item_scores=[float(min(s or 0, 5))],

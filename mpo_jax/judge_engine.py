@@ -72,10 +72,17 @@ def candidate_tables(ranges: Sequence[tuple[int, int]], encode_number, num_items
 
 
 def tile_cache(cache: KVCache, batch: int) -> KVCache:
-    """A batch-1 cache repeated over `batch` rows."""
-    return KVCache(k=jnp.repeat(cache.k, batch, axis=1), v=jnp.repeat(cache.v, batch, axis=1),
-                   valid=jnp.repeat(cache.valid, batch, axis=0), cursor=cache.cursor,
-                   next_position=jnp.repeat(cache.next_position, batch, axis=0))
+    """A batch-1 cache repeated over `batch` rows, in new buffers.
+
+    The sampler donates the cache it continues from, so nothing here may alias the judge's cached
+    rubric prefix (including the scalar cursor, and the arrays when `batch` is 1): the prefix is
+    reused by every later scoring call under the same rubric.
+    """
+    def tiled(x: jax.Array, axis: int) -> jax.Array:
+        return jnp.repeat(x, batch, axis=axis) if batch > 1 else jnp.array(x, copy=True)
+
+    return KVCache(k=tiled(cache.k, 1), v=tiled(cache.v, 1), valid=tiled(cache.valid, 0),
+                   cursor=jnp.array(cache.cursor, copy=True), next_position=tiled(cache.next_position, 0))
 
 
 def build_prefix_prefill(graphdef: nnx.GraphDef):

@@ -6,7 +6,7 @@ fields) or a bare `prompt` string; `meta` rows also carry the judge's `score`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +58,21 @@ def score_rows(judge: Judge, rows: list[dict[str, Any]], batch_size: int = 16) -
 
 
 def meta_from_rows(mrm: MetaRewardModel, rubric: Rubric, rows: list[dict[str, Any]], out_dir: str | Path, *,
-                   seed: int = 0) -> Path:
-    """One meta step on buffered rows; writes the rubric history and meta_evaluation_0.json to `out_dir`."""
+                   seed: int = 0, fits: Callable[[Rubric], bool] | None = None) -> Path:
+    """One meta step on buffered rows; writes the rubric history and meta_evaluation_0.json to `out_dir`.
+
+    `fits` (e.g. a `Judge.fits`) cuts a merged rubric to the prefix the judge can take, as in training.
+    """
     out_dir = Path(out_dir)
     samples = [MetaSample(record=_record(mrm.task, r), response=r["response"], score=float(r["score"]),
                           rationales=tuple(r.get("rationales") or ())) for r in rows]
-    history = RubricHistory(rubric, reason="input rubric")
-    result = mrm.meta_step(rubric, samples, seed, step=0)
+    history = RubricHistory(rubric, reason="input rubric", limits=mrm.task.rubric_limits)
+    result = mrm.meta_step(rubric, samples, seed, step=0, fits=fits)
     if result.accepted:
         history.append(result.rubric, reason=result.reason, created_step=0)
     else:
-        history.reject(result.merged_text or None, reason="meta step kept the rubric", error=result.reason,
-                       created_step=0)
+        history.reject(result.merged_text or None, reason=f"meta step kept the rubric ({result.reason_code})",
+                       error=result.reason, created_step=0)
     result.save(out_dir, 0, samples)
     history.save(out_dir)
     return out_dir

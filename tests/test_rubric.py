@@ -11,12 +11,16 @@ from hypothesis import strategies as st
 
 from mpo_jax.rubric import (
     HISTORY_FILE,
+    SCALE_FORM,
     Rubric,
     RubricError,
     RubricHistory,
     RubricLimits,
+    ScaleError,
     diff,
+    item_scale,
     rubric_file_name,
+    rubric_scales,
     validate,
 )
 
@@ -218,6 +222,159 @@ def test_render_parse_round_trip_property(items):
     except RubricError:
         return  # items with tags or lone surrogates are not constructible
     assert Rubric.parse(rubric.render()).items == rubric.items
+
+
+# -- score scales ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("### Evidence (0-10)", (0, 10)),
+    ("### Evidence (0 - 10)", (0, 10)),
+    ("### Evidence (0\u201310)", (0, 10)),  # en dash
+    ("### Evidence (0 \u2014 10)", (0, 10)),  # em dash
+    ("### Evidence (0 to 10)", (0, 10)),
+    ("### Evidence (0 TO 10)", (0, 10)),
+    ("### Evidence (0-10 points)", (0, 10)),
+    ("### Evidence ( 1 to 6 Points )", (1, 6)),
+    ("### Evidence (0-1 point)", (0, 1)),
+    ("**Evidence (0-10)**", (0, 10)),
+    ("### Evidence (0-10):", (0, 10)),
+    ("Evidence (99-100)", (99, 100)),
+    ("Evidence (0-100)\n- 100: flawless", (0, 100)),
+    ("### Ideas (1-6)   \nbody", (1, 6)),
+    ("### Faithfulness (0-30)\nUses 2-3 examples; levels:\n- 30: exact\n- 20: minor slips\n- 0: wrong", (0, 30)),
+    ("### Ideas (1-6)\nA related scale (0-10) or (2-3) in the body is ignored.", (1, 6)),
+    ("clarity of the answer, judged strictly (2-4)", (2, 4)),
+])
+def test_item_scale_reads_the_header(item, expected):
+    assert item_scale(item) == expected
+
+
+@pytest.mark.parametrize("item, message", [
+    ("### Evidence", "does not end with a score scale in parentheses"),
+    ("### Evidence\nScore it from 0 to 10.", "does not end with a score scale in parentheses"),
+    ("### Evidence\nScore (0-10).", "'(0-10)' appears elsewhere in the item"),
+    ("### Evidence (10 points)", "ends with '(10 points)', which is not a scale"),
+    ("### Evidence\n- 30: strong\n- 20: fair\n- 0: weak", "does not end with a score scale"),
+    ("uses 2-3 examples", "does not end with a score scale"),
+    ("### Evidence 0-10", "does not end with a score scale"),
+    ("### Evidence (5-5)", "(5-5) must have 0 <= lowest < highest <= 100"),
+    ("### Evidence (6-1)", "(6-1) must have 0 <= lowest < highest <= 100"),
+    ("### Evidence (0-101)", "(0-101) must have"),
+    ("### Evidence (0-1000 points)", "(0-1000) must have"),
+    ("### Evidence (0.5-5)", "not a scale of the form (lo-hi)"),
+    ("### Evidence (-1-5)", "not a scale of the form (lo-hi)"),
+    ("### Evidence (0-10) (weight 2)", "ends with '(weight 2)'"),
+    ("### Evidence (0-10", "does not end with a score scale"),
+    ("### Evidence (\u0660-\u0665)", "not a scale"),  # Arabic-Indic digits are not read as numbers
+    ("### Evidence (0-10 marks)", "not a scale"),
+])
+def test_item_scale_errors_say_what_is_wrong_and_how_to_fix_it(item, message):
+    with pytest.raises(ScaleError, match=re.escape(message)) as err:
+        item_scale(item)
+    text = str(err.value)
+    assert text.startswith("rubric item '")  # no item number: item_scale does not know it
+    fix = "'### Evidence (0-10)'" if item.startswith("### Evidence") else "'uses 2-3 examples (0-10)'"
+    assert f"state the scale at the end of the first line, e.g. {fix}" in text
+    assert err.value.index is None and err.value.item == item
+
+
+def test_a_body_range_never_changes_the_header_scale():
+    header = "### Examples (0-4)"
+    for body in ("", "\nUses 2-3 examples.", "\n- 10: many (5-10)\n- 0: none", "\nfrom 1 to 9"):
+        assert item_scale(header + body) == (0, 4)
+
+
+def test_rubric_scales_names_the_item():
+    rubric = Rubric(("### Clarity (0-5)\n- 5: clear", "### Depth\nGive 2-3 points.", "### Tone (1-3)"))
+    with pytest.raises(ScaleError, match=re.escape("rubric item #2 '### Depth\\nGive 2-3 points.'")) as err:
+        rubric_scales(rubric)
+    assert err.value.index == 2
+    assert "e.g. '### Depth (0-10)'" in str(err.value)
+    good = Rubric(("### Clarity (0-5)\n- 5: clear", "### Depth (0 to 10 points)\nGive 2-3 points.", "Tone (1-3)"))
+    assert rubric_scales(good) == ((0, 5), (0, 10), (1, 3))
+
+
+def test_scale_form_examples_follow_the_form():
+    assert 0 < SCALE_FORM.count(". ") + 1 <= 2 and len(SCALE_FORM) < 400
+    examples = re.findall(r"`([^`]+)`", SCALE_FORM)
+    assert examples and [item_scale(example) for example in examples] == [(0, 10)] * len(examples)
+
+
+@pytest.mark.parametrize("header", [
+    "### Evidence (0-10" + " " * 200_000 + "x)",
+    "(" * 100_000 + " 1 " * 10_000,
+    "a" + " " * 200_000 + "1-1x",
+    "a" + " " * 100_000 + "1 -" + " " * 100_000 + "1x",
+    "a" + "1" * 200_000 + "x",
+    "a" + "(0-1" * 50_000,
+    "E " + "1 - " * 50_000,
+    "E " + "()" * 100_000,
+])
+def test_pathological_headers_are_rejected_in_linear_time(header):
+    with pytest.raises(ScaleError):
+        item_scale(header)  # a quadratic search would not finish here
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_fuzz_item_scale_returns_a_valid_scale_or_raises_scale_error(text):
+    try:
+        lo, hi = item_scale(text)
+    except ScaleError:
+        return
+    assert 0 <= lo < hi <= 100
+
+
+def test_validate_requires_scales_only_when_asked():
+    rubric = Rubric(("### Clarity (0-5)", "### Depth\nscored 0-5"))
+    validate(rubric)  # scales are not required by default
+    with pytest.raises(ScaleError, match="rubric item #2 '### Depth"):
+        validate(rubric, RubricLimits(require_scale=True))
+    validate(Rubric(("### Clarity (0-5)", "### Depth (0-5)")), RubricLimits(require_scale=True))
+
+
+def test_parse_with_required_scales_names_the_item():
+    text = "<rubric><item>### Clarity (0-5)</item><item>### Depth (10 points)\n- 10: deep</item></rubric>"
+    with pytest.raises(ScaleError, match="rubric item #2 .*'\\(10 points\\)'"):
+        Rubric.parse(text, limits=RubricLimits(require_scale=True))
+    assert Rubric.parse(text).num_items == 2
+
+
+def test_history_with_required_scales_rejects_a_proposal_without_them():
+    limits = RubricLimits(require_scale=True)
+    history = RubricHistory(Rubric(("### Start (0-5)",)), limits=limits)
+    assert history.propose("<rubric><item>### Better\nscore 0-5</item></rubric>", reason="meta step 1") is None
+    with pytest.raises(ScaleError, match="rubric item #1"):
+        history.append(Rubric(("no scale here",)), reason="meta step 2")
+    assert history.propose("<rubric><item>### Better (0-5)</item></rubric>", reason="meta step 3") is not None
+    assert [e.accepted for e in history.events] == [True, False, False, True]
+    assert "state the scale at the end of the first line" in history.events[1].error
+
+
+def test_limits_require_scale_must_be_a_bool():
+    with pytest.raises(ValueError, match="require_scale must be a bool"):
+        RubricLimits(require_scale="yes")  # type: ignore[arg-type]
+
+
+def test_history_json_keeps_require_scale_and_old_json_without_it_loads(tmp_path):
+    history = RubricHistory(Rubric(("### Start (0-5)",)), limits=RubricLimits(max_items=3, require_scale=True))
+    history.save(tmp_path)
+    log = json.loads((tmp_path / HISTORY_FILE).read_text())
+    assert log["limits"]["require_scale"] is True
+    assert RubricHistory.load(tmp_path).limits == RubricLimits(max_items=3, require_scale=True)
+    assert RubricHistory.from_json(history.to_json()).limits.require_scale is True
+
+    old = RubricHistory(Rubric(("start without a scale",)))  # as written before scales existed
+    old.save(tmp_path / "old")
+    log = json.loads((tmp_path / "old" / HISTORY_FILE).read_text())
+    del log["limits"]["require_scale"]
+    (tmp_path / "old" / HISTORY_FILE).write_text(json.dumps(log))
+    loaded = RubricHistory.load(tmp_path / "old")
+    assert loaded.limits.require_scale is False and loaded.current.items == ("start without a scale",)
+    payload = old.to_json()
+    del payload["limits"]["require_scale"]
+    assert RubricHistory.from_json(payload).current.items == ("start without a scale",)
 
 
 # -- diff ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mpo_jax.rubric import Rubric, validate
+from mpo_jax.rubric import Rubric, RubricLimits, ScaleError, rubric_scales, validate
 from mpo_jax.tasks import MathTask, Task, default_data_dir, get_task, join_criteria_sets, load_records, task_names
 from mpo_jax.tasks.base import PRESCREEN_CHOICES, fill
 from mpo_jax.tasks.ethics import verdict_gate
@@ -298,6 +298,59 @@ def test_initial_rubrics_validate(name):
         assert task.initial_rubrics["expert"].num_items >= 4
 
 
+SHIPPED_SCALES = {
+    ("essay", "iter0"): ((0, 5),),
+    ("essay", "expert"): ((1, 6), (1, 6), (1, 6), (1, 6), (1, 4)),
+    ("essay", "oracle"): ((0, 5),) * 3,
+    ("summarization", "iter0"): ((0, 5),),
+    ("summarization", "expert"): ((0, 10), (0, 10), (0, 5), (0, 5), (0, 5)),
+    ("ethics", "iter0"): ((0, 5),),
+    ("ethics", "expert"): ((0, 5),) * 5,
+}
+
+
+@pytest.mark.parametrize("name", ["essay", "summarization", "ethics"])
+def test_item_tasks_require_header_scales_and_every_shipped_rubric_has_them(name):
+    task = get_task(name)
+    assert task.rubric_limits == RubricLimits(require_scale=True)
+    shipped = {(name, key): rubric_scales(rubric) for key, rubric in task.initial_rubrics.items()}
+    assert shipped == {key: value for key, value in SHIPPED_SCALES.items() if key[0] == name}
+    for rubric in task.initial_rubrics.values():
+        Rubric.parse(rubric.render(), limits=task.rubric_limits)
+
+
+def test_math_guidelines_are_free_text_without_a_scale():
+    task = get_task("math")
+    assert not task.rubric_limits.require_scale
+    assert (task.rubric_limits.max_items, task.rubric_limits.max_item_chars) == (1, 12000)
+    Rubric.parse("<rubric><item>Check every step; no scale here.</item></rubric>", limits=task.rubric_limits)
+
+
+@pytest.mark.parametrize("name", ["essay", "summarization", "ethics"])
+def test_a_user_rubric_file_without_scales_is_a_clear_error(name):
+    text = ("<rubric><item>### Clarity (0-5)\nBe clear.</item>"
+            "<item>### Depth\nScore 0-5; use 2-3 reasons.</item></rubric>")
+    with pytest.raises(ScaleError, match=r"rubric item #2 '### Depth.*e\.g\. '### Depth \(0-10\)'"):
+        Rubric.parse(text, limits=get_task(name).rubric_limits)
+
+
+def test_essay_iter0_keeps_its_instruction_under_a_scaled_header():
+    item = get_task("essay").initial_rubrics["iter0"].items[0]
+    assert item.splitlines()[0] == "### Discourse (0-5)"
+    assert "discourse" in item.splitlines()[1] and "from 0 (worst) to 5 (best)" in item
+
+
+def test_essay_oracle_baseline():
+    items = get_task("essay").initial_rubrics["oracle"].items
+    assert [item.splitlines()[0] for item in items] == [
+        "### Logical flow and structure (0-5)", "### Hierarchical organisation (0-5)",
+        "### Balance and emphasis (0-5)"]
+    for item in items:
+        lowered = item.lower()
+        assert all(word in lowered for word in ("not an essay", "list", "title", "grader", "special tokens",
+                                                "code", "not written in english", "unfinished"))
+
+
 def test_essay_expert_follows_the_asap_categories():
     items = get_task("essay").initial_rubrics["expert"].items
     assert [item.splitlines()[0] for item in items] == [
@@ -327,7 +380,7 @@ def test_record_missing_field_is_a_clear_error():
 
 
 def test_default_data_dir():
-    assert default_data_dir().parts[-2:] == ("shared", "data")
+    assert default_data_dir() == (Path(__file__).resolve().parents[1] / "data")  # ships with the checkout
 
 
 @pytest.mark.skipif(not default_data_dir().is_dir(), reason="shared data folder not present")

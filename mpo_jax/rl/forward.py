@@ -25,7 +25,7 @@ def response_logprobs(model, batch_like, temperature: float, *, adapters: bool =
                       with_entropy: bool = False):
     hidden = response_hidden(model, batch_like.query, batch_like.query_mask, batch_like.response,
                              batch_like.response_mask, adapters=adapters)
-    logits = model.logits_from_hidden(hidden)
+    logits = model.logits_from_hidden(hidden, adapters=adapters)
     logprobs = token_logprobs(logits, batch_like.response, temperature)
     if with_entropy:
         return logprobs, entropy_from_logits(logits, temperature)

@@ -2,7 +2,7 @@
 
 `get_task(name)` returns a `Task`; names are "essay", "summarization", "ethics" and "math"
 (MPO's own names, such as "essay_writing", are accepted as aliases). `load_records` reads a
-task's JSONL split from the shared data folder.
+task's JSONL split from the project's data folder.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricLimits
+from mpo_jax.rubric import DEFAULT_LIMITS, SCALE_FORM, Rubric, RubricLimits
 
 Record = Mapping[str, Any]
 Messages = list[dict[str, str]]
@@ -168,15 +168,18 @@ junior instructor. The refined criteria should:
 - cover the gaps your analysis found;
 - include a brief, concrete example for every score level.
 
-Write each criterion in this structure:
-### <name of the criterion>
-- <score>: <what a response must do to receive this score, followed by an example>"""
+Write each criterion in this structure, with one level line per score:
+### <name of the criterion> (<lowest score>-<highest score>)
+- <score>: <what a response must do to receive this score, followed by an example>
+
+<<scale_form>> Every level's score must lie within its criterion's range."""
 
 META_COUNT = """How many distinct criteria does the refined set need? Answer with a single \
 integer and nothing else."""
 
-META_ITEM = """Write criterion #<<index>> in the structure given above. Keep it under \
-<<max_words>> words and end it with <EOE>."""
+META_ITEM = """Write criterion #<<index>> in the structure given above: the header \
+`### <name> (<lowest score>-<highest score>)`, then one `- <score>: ...` line per score level, \
+each score within the header's range. Keep it under <<max_words>> words and end it with <EOE>."""
 
 META_MERGE = """Several senior instructors each refined the junior instructor's scoring \
 criteria for the task below. Their criteria sets are shown between the markers, separated by \
@@ -188,11 +191,14 @@ lines of ===.
 
 Combine the sets into one coherent set of criteria: keep every important criterion exactly \
 once, remove repetition and overlap, and settle conflicting point values. Write each criterion \
-in this structure:
-### <name of the criterion>
+in this structure, with one level line per score:
+### <name of the criterion> (<lowest score>-<highest score>)
 - <score>: <what a response must do to receive this score, followed by an example>
 
-The merged criteria together should stay under <<max_words>> words."""
+<<scale_form>> Every level's score must lie within its criterion's range."""
+
+# Appended to META_MERGE only when a whole-rubric word budget is set (the original has none).
+META_MERGE_WORDS = """The merged criteria together should stay under <<max_words>> words."""
 
 META_MERGE_COUNT = """How many non-overlapping criteria does the merged set need? Answer with a \
 single integer and nothing else."""
@@ -317,7 +323,8 @@ class Task:
                     max_words=str(max_words))
 
     def meta_refine_intro(self) -> str:
-        return META_REFINE_INTRO
+        """Asks for refined criteria in the scale form `rubric.SCALE_FORM` describes."""
+        return fill(META_REFINE_INTRO, scale_form=SCALE_FORM)
 
     def meta_count_request(self) -> str:
         return META_COUNT
@@ -325,10 +332,17 @@ class Task:
     def meta_item_request(self, index: int, max_words: int) -> str:
         return fill(META_ITEM, index=str(index), max_words=str(max_words))
 
-    def meta_merge(self, sets_text: str, max_words: int) -> str:
-        """Merge prompt over `sets_text` (see `join_criteria_sets`)."""
-        return fill(META_MERGE, task_block=block("Task Description", self.task_description),
-                    sets_block=block("Criteria Sets", sets_text), max_words=str(max_words))
+    def meta_merge(self, sets_text: str, max_words: int = 0) -> str:
+        """Merge prompt over `sets_text` (see `join_criteria_sets`).
+
+        `max_words` caps the whole merged rubric in the prompt's wording; 0 leaves the sentence
+        out, as in the original, which caps only each criterion (`meta_item_request`).
+        """
+        if max_words < 0:
+            raise ValueError(f"max_words must be >= 0, got {max_words}")
+        prompt = fill(META_MERGE, task_block=block("Task Description", self.task_description),
+                      sets_block=block("Criteria Sets", sets_text), scale_form=SCALE_FORM)
+        return prompt + "\n\n" + fill(META_MERGE_WORDS, max_words=str(max_words)) if max_words else prompt
 
     def meta_merge_count_request(self) -> str:
         return META_MERGE_COUNT

@@ -6,7 +6,7 @@ no rule gate: every response goes to the LLM judge.
 
 from __future__ import annotations
 
-from mpo_jax.rubric import Rubric
+from mpo_jax.rubric import Rubric, RubricLimits
 from mpo_jax.tasks.base import GateResult, Record, Task, field_text, fill
 
 NAME = "essay"
@@ -23,7 +23,8 @@ Instruction:
 
 Your writing:"""
 
-ITER0 = ("Judge the quality of the writing's discourse: how well its ideas connect, develop and build on one "
+ITER0 = ("### Discourse (0-5)\n"
+         "Judge the quality of the writing's discourse: how well its ideas connect, develop and build on one "
          "another from sentence to sentence and from paragraph to paragraph. Give an integer score from 0 "
          "(worst) to 5 (best).")
 
@@ -92,6 +93,48 @@ A response of three sentences or fewer cannot score above 2 on this item.""",
 )
 
 
+# Conditions that lower every item of the oracle-style baseline: failure modes a policy trained
+# against a lenient judge tends to drift into.
+_ORACLE_PENALTIES = """Lower the score, to 0 or 1 when the problem is clear, if the response:
+- is not an essay or story, for example a list of points, an outline, only a title, or a message \
+addressed to the grader instead of the writing the instruction asks for;
+- contains special tokens, markup or programming code;
+- is not written in English;
+- is unfinished, stopping mid-sentence or before its argument or story reaches an end."""
+
+# The oracle-style baseline (reference §C.2): three structural items, each 0-5.
+ORACLE_ITEMS = (
+    f"""### Logical flow and structure (0-5)
+Judge how the writing moves from idea to idea: each sentence and paragraph should follow from \
+what comes before it, transitions should make the links explicit, and the whole should progress \
+from an opening through its development to a conclusion.
+- 5: Ideas progress in a purposeful order with smooth transitions; the reader never has to guess \
+how one point leads to the next.
+- 3: The line of thought can be followed, but jumps, repetitions or abrupt transitions interrupt it.
+- 1: Ideas appear in no discernible order and sentences barely connect.
+{_ORACLE_PENALTIES}""",
+    f"""### Hierarchical organisation (0-5)
+Judge whether the ideas form a clear hierarchy: one central thesis or storyline, main points that \
+serve it, and details or examples placed under the point they support, with each paragraph built \
+around one main point.
+- 5: The central idea is evident, every main point serves it, and every detail sits under the \
+point it supports.
+- 3: A central idea and main points can be made out, but some details are misplaced or some \
+paragraphs mix unrelated points.
+- 1: No central idea; points and details are all on one level, or are simply listed.
+{_ORACLE_PENALTIES}""",
+    f"""### Balance and emphasis (0-5)
+Judge whether each part gets space in proportion to its importance: the main points are developed \
+most, minor points and digressions stay short, nothing is padded or repeated, and the opening and \
+ending are in proportion to the body.
+- 5: The most important points receive the most development; no part is inflated or neglected.
+- 3: Mostly proportionate, but one part is noticeably padded, repeated or too thin for its weight.
+- 1: Space is spent mostly on minor matters, repetition or filler, while the main point is barely \
+developed.
+{_ORACLE_PENALTIES}""",
+)
+
+
 def _policy_text(record: Record) -> str:
     return fill(POLICY_TEMPLATE, prompt=field_text(record, "prompt", NAME).strip())
 
@@ -123,5 +166,7 @@ TASK = Task(
     initial_rubrics={
         "iter0": Rubric((ITER0,), task=NAME),
         "expert": Rubric(EXPERT_ITEMS, task=NAME),
+        "oracle": Rubric(ORACLE_ITEMS, task=NAME),
     },
+    rubric_limits=RubricLimits(require_scale=True),
 )

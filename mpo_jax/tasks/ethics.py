@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from mpo_jax.rubric import Rubric
+from mpo_jax.rubric import Rubric, RubricLimits
 from mpo_jax.tasks.base import GateResult, Record, Task, field_text, fill, word_count
 
 NAME = "ethics"
@@ -43,7 +43,8 @@ give your verdict: <verdict>RIGHT</verdict> if the action was acceptable, or \
 ### Your ethical analysis and verdict (end with <verdict>RIGHT</verdict> or <verdict>WRONG</verdict>)
 """
 
-ITER0 = ("Judge the moral reasoning for its logical coherence, the depth of its moral insight, and how well it "
+ITER0 = ("### Moral reasoning (0-5)\n"
+         "Judge the moral reasoning for its logical coherence, the depth of its moral insight, and how well it "
          "agrees with well-established ethical principles. Give an integer score from 0 (worst) to 5 (best).")
 
 EXPERT_ITEMS = (
@@ -146,4 +147,5 @@ TASK = Task(
         "iter0": Rubric((ITER0,), task=NAME),
         "expert": Rubric(EXPERT_ITEMS, task=NAME),
     },
+    rubric_limits=RubricLimits(require_scale=True),
 )

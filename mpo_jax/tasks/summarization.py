@@ -7,7 +7,7 @@ evaluation only: as in the paper, neither the judge nor the MRM sees it during t
 
 from __future__ import annotations
 
-from mpo_jax.rubric import Rubric
+from mpo_jax.rubric import Rubric, RubricLimits
 from mpo_jax.tasks.base import GateResult, Record, Task, block, field_text, fill
 
 NAME = "summarization"
@@ -23,7 +23,8 @@ of the bill below that stays faithful to what the bill says. Use fewer than {WOR
 
 Your summary:"""
 
-ITER0 = ("Judge how faithful the summary is to the bill (no invented or distorted provisions) and how concise "
+ITER0 = ("### Faithfulness and conciseness (0-5)\n"
+         "Judge how faithful the summary is to the bill (no invented or distorted provisions) and how concise "
          "it is. Give an integer score from 0 (worst) to 5 (best).")
 
 EXPERT_ITEMS = (
@@ -109,4 +110,5 @@ TASK = Task(
         "iter0": Rubric((ITER0,), task=NAME),
         "expert": Rubric(EXPERT_ITEMS, task=NAME),
     },
+    rubric_limits=RubricLimits(require_scale=True),
 )
