@@ -24,6 +24,9 @@ import ml_collections
 
 from mpo_jax.rl.config import GRPOConfig, PPOConfig
 
+# Tokens of the judge's rubric prefix beyond the criteria themselves: persona, chat markup, tags.
+RUBRIC_HEADROOM_TOKENS = 512
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
@@ -70,10 +73,15 @@ class JudgeSpec:
     remote: RemoteSpec = RemoteSpec()
     mode: str = "logits"  # "logits" | "generate"
     aggregate: str = "sum"  # "sum" | "mean_normalized"
-    max_rubric_tokens: int = 1024
-    max_items: int = 16
+    # 0: derived (see `TrainConfig.judge_rubric_tokens`), so a valid merged rubric is never refused.
+    max_rubric_tokens: int = 0
+    max_items: int = 0  # 0: meta.max_items, or the task's rubric item limit when that is 0 too
     rationale_tokens: int = 128
+    plan_tokens: int = 2000  # MATH plan-then-execute: the plan and the execution each (the original's 2,000)
     item_turn_tokens: int = 64
+    # The judge's framing tells it the response is quoted data whose requests (about its own
+    # score, say) it must ignore (`tasks.base.FENCE_NOTE`).
+    fence: bool = False
     initial_rubric: str = "iter0"  # "iter0" | "expert" | a path to a <rubric> file
 
 
@@ -85,19 +93,23 @@ class MetaSpec:
     remote: RemoteSpec = RemoteSpec()
     num_samples: int = 16
     prescreen: bool = False
-    analysis_tokens: int = 1024
+    analysis_tokens: int = 2000  # the original's budget for one meta-analysis
     analysis_words: int = 1000
-    item_tokens: int = 512
-    item_words: int = 300
-    max_items: int = 10
-    merge_words: int = 16_000
+    item_tokens: int = 500  # per generated criterion
+    item_words: int = 300  # per generated criterion, asked for in the prompt
+    max_items: int = 0  # 0: no clamp on the MRM's criteria count below the task's rubric item limit
+    merge_words: int = 16_000  # budget for joining the refined sets into the merge prompt
+    merged_rubric_words: int = 0  # whole merged rubric, asked for in the merge prompt; 0: no cap (the original)
+    guideline_tokens: int = 2500  # MATH: meta analysis and guideline refinement, each
+    sense_check: bool = True  # reject rubrics that copy the samples or carry no scoring guidance
+    max_copied_fraction: float = 0.5  # of an item's word 4-grams found in the prompts and responses shown
     temperature: float = 0.0
     buffer_size: int = 4096  # most recent rollouts kept for the next meta step
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    data_dir: str = ""  # folder holding <task>/<split>.jsonl; "" = ../shared/data next to the checkout
+    data_dir: str = ""  # folder holding <task>/<split>.jsonl; "" = data/ in the checkout
     tfds_dir: str = ""  # where the array_record datasets are prepared; "" = <run_dir>/tfds
     source: str = "jsonl"  # "jsonl" (our files through a TFDS builder) | "tfds_catalog"
     split: str = "train"
@@ -111,6 +123,26 @@ class RolloutSpec:
     max_new_tokens: int = 128
     top_p: float = 1.0
     top_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """In-training evaluation on a fixed held-out prompt set (`mpo_jax.evaluation.during_training`)."""
+
+    every: int = 0  # updates between evaluations (and one before the first update); 0: off
+    num_prompts: int = 8
+    split: str = "test"
+    seed: int = 1234  # picks the prompts and seeds their sampling: every evaluation sees the same
+    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+    temperature: float = 0.7
+    top_p: float = 1.0
+    # The independent judge, which training never sees: its model ("" = the training judge's
+    # model) and its fixed rubric ("" = the task's "oracle" rubric where it has one, else "expert",
+    # else "iter0"; or a rubric file).
+    judge: ModelSpec = ModelSpec(name="", remat=False)
+    judge_mode: str = "logits"
+    judge_rubric: str = ""
+    independent_judge: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +188,7 @@ class TrainConfig:
     rollout: RolloutSpec = RolloutSpec()
     ppo: PPOConfig = PPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+    eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     log: LogSpec = LogSpec()
     distributed: DistributedSpec = DistributedSpec()
@@ -176,7 +209,7 @@ class TrainConfig:
         for key, spec in (("policy", self.policy), ("judge.model", self.judge.model)):
             _check(bool(spec.name), f"{key}.name", "is empty; give a preset, a local model path or 'tiny-random'")
         for key, spec in (("policy", self.policy), ("critic", self.critic), ("judge.model", self.judge.model),
-                          ("meta.model", self.meta.model)):
+                          ("meta.model", self.meta.model), ("eval.judge", self.eval.judge)):
             _check(spec.dtype in ("float32", "bfloat16"), f"{key}.dtype", f"is {spec.dtype!r}; use float32 or bfloat16")
             _check(spec.lora_rank >= 0, f"{key}.lora_rank", "must be >= 0 (0 = full fine-tuning)")
         _check(self.judge.mode in ("logits", "generate"), "judge.mode", "must be 'logits' or 'generate'")
@@ -184,7 +217,17 @@ class TrainConfig:
                "must be 'generate' with a remote judge (an OpenAI-compatible endpoint returns no logits)")
         _check(self.judge.aggregate in ("sum", "mean_normalized"), "judge.aggregate",
                "must be 'sum' or 'mean_normalized'")
+        _check(self.judge.max_rubric_tokens >= 0, "judge.max_rubric_tokens", "must be >= 0 (0 = derived)")
+        _check(self.judge.max_items >= 0, "judge.max_items", "must be >= 0 (0 = derived)")
+        _check(self.judge.plan_tokens >= 1, "judge.plan_tokens", "must be >= 1")
+        _check(self.meta.max_items >= 0, "meta.max_items", "must be >= 0 (0 = no clamp)")
+        _check(self.meta.merged_rubric_words >= 0, "meta.merged_rubric_words", "must be >= 0 (0 = no cap)")
+        _check(0.0 < self.meta.max_copied_fraction <= 1.0, "meta.max_copied_fraction", "must be in (0, 1]")
         _check(self.meta.interval >= 1, "meta.interval", "must be >= 1")
+        _check(self.eval.every >= 0, "eval.every", "must be >= 0 (0 = no in-training evaluation)")
+        _check(self.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
+        _check(self.eval.max_new_tokens >= 0, "eval.max_new_tokens", "must be >= 0 (0 = rollout.max_new_tokens)")
+        _check(self.eval.judge_mode in ("logits", "generate"), "eval.judge_mode", "must be 'logits' or 'generate'")
         _check(self.meta.num_samples >= 1, "meta.num_samples", "must be >= 1")
         _check(self.meta.buffer_size >= self.meta.num_samples, "meta.buffer_size", "must be >= meta.num_samples")
         _check(self.data.batch_size >= 1, "data.batch_size", "must be >= 1")
@@ -209,6 +252,27 @@ class TrainConfig:
     @property
     def update_config(self) -> PPOConfig | GRPOConfig:
         return self.ppo if self.algorithm == "ppo" else self.grpo
+
+    @property
+    def judge_max_items(self) -> int:
+        """Criteria the judge takes: as set, else as many as the meta step may write."""
+        from mpo_jax.tasks import get_task
+
+        return self.judge.max_items or self.meta.max_items or get_task(self.task).rubric_limits.max_items
+
+    def judge_rubric_tokens(self, initial_rubric_tokens: int) -> int:
+        """The judge's rubric-prefix length: as set, else room for every rubric the run can install.
+
+        With meta steps: `judge_max_items` criteria of up to `meta.item_tokens` each, plus
+        `RUBRIC_HEADROOM_TOKENS` for the persona and markup; never less than the initial rubric.
+        Without: the initial rubric (the only one the run installs) plus the headroom.
+        """
+        if self.judge.max_rubric_tokens:
+            return self.judge.max_rubric_tokens
+        needed = initial_rubric_tokens + RUBRIC_HEADROOM_TOKENS
+        if self.meta.enabled:
+            needed = max(needed, self.judge_max_items * self.meta.item_tokens + RUBRIC_HEADROOM_TOKENS)
+        return -(-needed // 256) * 256  # whole 256-token blocks
 
 
 # -- ConfigDict <-> dataclasses ---------------------------------------------------------------

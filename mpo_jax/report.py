@@ -222,6 +222,7 @@ class PlotSpec:
     right_label: str = ""
     band: tuple[str, str] | None = None  # (mean metric, std metric) drawn as mean ± std
     steps: bool = False  # piecewise-constant metrics (rubric sizes) drawn as steps
+    prefix: str = ""  # also draw every metric whose name starts with this (e.g. one line per hack detector)
 
 
 PLOTS: tuple[PlotSpec, ...] = (
@@ -229,6 +230,10 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("kl", "KL(policy || reference)", ("objective/kl",), "KL"),
     PlotSpec("response_length", "Response length", ("response/length_mean",), "tokens"),
     PlotSpec("rubric_length", "Rubric length", ("rubric/items",), "items", ("rubric/tokens",), "tokens", steps=True),
+    PlotSpec("eval_scores", "Held-out prompts: training judge and independent judge",
+             ("eval/judge_score", "eval/independent_score"), "score", ("eval/length_mean",), "tokens"),
+    PlotSpec("eval_hacks", "Held-out prompts: hack detectors (share of responses flagged)", ("eval/hack/any",),
+             "rate", prefix="eval/hack/"),
 )
 
 
@@ -260,7 +265,10 @@ def _plot_one(spec: PlotSpec, run: RunData, markers: MetaMarkers, path: Path) ->
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    lines = [(name, *metric_series(run.metrics, name)) for name in spec.left]
+    left = list(spec.left)
+    if spec.prefix:
+        left += sorted({k for m in run.metrics for k in m if k.startswith(spec.prefix) and k not in left})
+    lines = [(name, *metric_series(run.metrics, name)) for name in left]
     lines = [line for line in lines if line[1].size]
     right = [(name, *metric_series(run.metrics, name)) for name in spec.right]
     right = [line for line in right if line[1].size]

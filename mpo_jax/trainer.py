@@ -30,11 +30,14 @@ import numpy as np
 from mpo_jax import distributed
 from mpo_jax import sharding as sharding_lib
 from mpo_jax.checkpoint import Checkpointer, PreemptionGuard
-from mpo_jax.config import ConfigError, TrainConfig, to_dict
+from mpo_jax.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig, to_dict
 from mpo_jax.data import PromptIterator, prepare_task_source
+from mpo_jax.evaluation.during_training import TrainingEvaluator, held_out_records
+from mpo_jax.evaluation.during_training import append_rows as append_eval_rows
+from mpo_jax.evaluation.during_training import truncate_rows as truncate_eval_rows
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.judge import Judge, RubricTooLongError
-from mpo_jax.meta import MetaRewardModel, MetaSample, math_meta_step
+from mpo_jax.meta import KEPT_REASONS, MetaRewardModel, MetaSample, math_meta_step
 from mpo_jax.metrics import MetricsWriter
 from mpo_jax.model_specs import (
     build_model,
@@ -56,7 +59,8 @@ from mpo_jax.rl import (
 )
 from mpo_jax.rollout import Rollouts, sample_rollouts
 from mpo_jax.rubric import Rubric, RubricError, RubricHistory
-from mpo_jax.tasks import MathTask, get_task
+from mpo_jax.tasks import MathTask, get_task, load_records
+from mpo_jax.tasks.base import fenced_task
 from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
 
 _LOG = logging.getLogger(__name__)
@@ -87,10 +91,26 @@ def check_resources(config: TrainConfig) -> None:
         if not path.is_file():
             raise ConfigError(f"config.data.data_dir: no {task.name} data at {path}; set --config.data.data_dir=DIR "
                               f"to the folder that holds {task.data_folder}/{config.data.split}.jsonl")
-    initial = config.judge.initial_rubric
-    if initial not in task.initial_rubrics and not Path(initial).is_file():
-        raise ConfigError(f"config.judge.initial_rubric = {initial!r} is neither one of this task's rubrics "
-                          f"({', '.join(task.initial_rubrics)}) nor a rubric file")
+    rubrics = [("judge.initial_rubric", config.judge.initial_rubric)]
+    if config.eval.every:
+        rubrics.append(("eval.judge_rubric", eval_rubric_name(config)))
+        if config.eval.judge.name:
+            check_model_available(config.eval.judge, "eval.judge")
+        if config.data.source == "jsonl":
+            from mpo_jax.tasks.data import default_data_dir
+
+            path = (data_dir or default_data_dir()) / task.data_folder / f"{config.eval.split}.jsonl"
+            if not path.is_file():
+                raise ConfigError(f"config.eval.split: no {task.name} data at {path}; set --config.eval.split or "
+                                  f"--config.data.data_dir, or turn evaluation off with --config.eval.every=0")
+    for key, name in rubrics:
+        if name not in task.initial_rubrics and not Path(name).is_file():
+            raise ConfigError(f"config.{key} = {name!r} is neither one of this task's rubrics "
+                              f"({', '.join(task.initial_rubrics)}) nor a rubric file")
+        try:
+            load_rubric(task.name, name)
+        except RubricError as err:
+            raise ConfigError(f"config.{key} = {name!r}: {err}") from None
 
 
 def make_run_mesh(config: TrainConfig):
@@ -100,12 +120,27 @@ def make_run_mesh(config: TrainConfig):
     return sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:size])
 
 
-def initial_rubric(config: TrainConfig) -> Rubric:
-    task = get_task(config.task)
-    name = config.judge.initial_rubric
+def load_rubric(task_name: str, name: str) -> Rubric:
+    """One of the task's shipped rubrics by name, or a rubric file (checked against the task's limits)."""
+    task = get_task(task_name)
     if name in task.initial_rubrics:
         return task.initial_rubrics[name]
-    return Rubric.parse(Path(name).read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+    try:
+        return Rubric.parse(Path(name).read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+    except RubricError as err:
+        raise RubricError(f"rubric file {name}: {err}") from None
+
+
+def initial_rubric(config: TrainConfig) -> Rubric:
+    return load_rubric(config.task, config.judge.initial_rubric)
+
+
+def eval_rubric_name(config: TrainConfig) -> str:
+    """The independent judge's fixed rubric: as configured, else the task's oracle, expert or iter0."""
+    if config.eval.judge_rubric:
+        return config.eval.judge_rubric
+    shipped = get_task(config.task).initial_rubrics
+    return next(name for name in ("oracle", "expert", "iter0") if name in shipped)
 
 
 class Trainer:
@@ -133,17 +168,28 @@ class Trainer:
             meta_model = self.judge_model
 
         self._judge_tokenizer = getattr(self.judge_model, "tokenizer", None) or self.policy.tokenizer
-        self.judge = Judge(self.judge_model, task=self.task, mode=config.judge.mode,
-                           max_rubric_tokens=config.judge.max_rubric_tokens, aggregate=config.judge.aggregate,
-                           rationale_tokens=config.judge.rationale_tokens, max_items=config.judge.max_items,
+        # Task limits throughout: MATH guidelines may be far longer than a rubric item.
+        self.history = RubricHistory(initial_rubric(config), reason="initial rubric", limits=self.task.rubric_limits)
+        initial_tokens = len(self._judge_tokenizer.encode(self.history.current.render(), add_bos=False))
+        self.judge_task = fenced_task(self.task) if config.judge.fence else self.task
+        self.judge = Judge(self.judge_model, task=self.judge_task, mode=config.judge.mode,
+                           max_rubric_tokens=config.judge_rubric_tokens(initial_tokens),
+                           aggregate=config.judge.aggregate, rationale_tokens=config.judge.rationale_tokens,
+                           plan_tokens=config.judge.plan_tokens,
+                           max_items=max(config.judge_max_items, self.history.current.num_items),
                            item_turn_tokens=config.judge.item_turn_tokens, seed=config.seed)
         m = config.meta
         self.mrm = MetaRewardModel(meta_model, task=self.task, num_samples=m.num_samples, prescreen=m.prescreen,
                                    analysis_words=m.analysis_words, item_words=m.item_words,
                                    analysis_tokens=m.analysis_tokens, item_tokens=m.item_tokens,
-                                   max_items=m.max_items, merge_words=m.merge_words, temperature=m.temperature)
-        self.history = RubricHistory(initial_rubric(config), reason="initial rubric")
+                                   max_items=m.max_items, merge_words=m.merge_words,
+                                   merged_rubric_words=m.merged_rubric_words, guideline_tokens=m.guideline_tokens,
+                                   sense_check=m.sense_check, max_copied_fraction=m.max_copied_fraction,
+                                   temperature=m.temperature)
         self.judge.set_rubric(self.history.current)
+        # Meta steps that kept the rubric, by reason (cumulative, checkpointed): a run whose rubric
+        # never changes shows why in its metrics.
+        self.kept_reasons: dict[str, int] = dict.fromkeys(KEPT_REASONS, 0)
         self.buffer: list[MetaSample] = []
         # MATH: one guideline per subject, refined by its own meta step (no merge).
         self.is_math = isinstance(self.task, MathTask)
@@ -165,10 +211,41 @@ class Trainer:
                                                    self.mesh)
         update_fn = make_grpo_update(self.update_config) if self.grpo else make_ppo_update(self.update_config)
         self.update_step = compile_update(update_fn, self.state, self.mesh)
+        self.evaluator = self._build_evaluator() if config.eval.every else None
         self.checkpointer = Checkpointer(checkpoint_directory(config, self.run_dir),
                                          save_every=config.checkpoint.every,
                                          keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
         self.update = 0  # updates completed
+
+    def _build_evaluator(self) -> TrainingEvaluator:
+        """The held-out prompts, the training judge and an independent judge (see EvalSpec)."""
+        cfg, spec = self.config, self.config.eval
+        records = [r for r in load_records(self.task, spec.split, cfg.data.data_dir or None)
+                   if len(self.encode_record(r)) <= cfg.data.max_prompt_tokens]
+        independent = None
+        if spec.independent_judge:
+            model = build_model(spec.judge, self.mesh) if spec.judge.name else self.judge_model
+            rubric = load_rubric(self.task.name, eval_rubric_name(cfg))
+            tokens = len((getattr(model, "tokenizer", None) or self._judge_tokenizer).encode(rubric.render(),
+                                                                                              add_bos=False))
+            independent = Judge(model, task=self.judge_task, mode=spec.judge_mode,
+                                max_rubric_tokens=-(-(tokens + RUBRIC_HEADROOM_TOKENS) // 256) * 256,
+                                aggregate=cfg.judge.aggregate, rationale_tokens=cfg.judge.rationale_tokens,
+                                plan_tokens=cfg.judge.plan_tokens, max_items=max(len(rubric.items), 1),
+                                item_turn_tokens=cfg.judge.item_turn_tokens, seed=cfg.seed + 1)
+            independent.set_rubric(rubric)
+        return TrainingEvaluator(self.policy, self.task, held_out_records(records, spec.num_prompts, spec.seed),
+                                 judge=self.judge, independent_judge=independent,
+                                 max_new_tokens=spec.max_new_tokens or cfg.rollout.max_new_tokens,
+                                 temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
+
+    def _evaluate(self, update: int) -> dict[str, float]:
+        start = time.perf_counter()
+        self._sync_policy_params()
+        result = self.evaluator.evaluate(update)
+        if self.is_main:
+            append_eval_rows(self.run_dir, result.rows)
+        return {**result.metrics, "time/eval_s": time.perf_counter() - start}
 
     # -- pieces ----------------------------------------------------------------------------------
     def encode_record(self, record: dict) -> list[int]:
@@ -216,7 +293,7 @@ class Trainer:
         proposed = {str(g): u.guideline.render() for g, u in updates.items() if u.accepted}
         proposed = json.loads(distributed.broadcast_text(json.dumps(proposed, sort_keys=True)))
         for group, text in proposed.items():
-            self.guidelines[int(group)] = Rubric.parse(text, limits=self.history.limits, task=self.task.name)
+            self.guidelines[int(group)] = Rubric.parse(text, limits=self.task.rubric_limits, task=self.task.name)
         self._install_guidelines()
         if self.is_main:
             record = {"update": update, "groups": {MATH_SUBJECTS[g]: {
@@ -227,7 +304,13 @@ class Trainer:
             for g, rubric in self.guidelines.items():
                 (self.run_dir / f"guideline_{MATH_SUBJECTS[g]}.txt").write_text(rubric.render() + "\n")
         self.buffer = []
-        return {"meta/step": 1.0, "meta/accepted": float(len(proposed)), "time/meta_s": time.perf_counter() - start}
+        kept = sum(not u.accepted for u in updates.values())
+        self.kept_reasons["guideline_rejected"] = self.kept_reasons.get("guideline_rejected", 0) + kept
+        return {"meta/step": 1.0, "meta/accepted": float(len(proposed)), **self._kept_metrics(),
+                "time/meta_s": time.perf_counter() - start}
+
+    def _kept_metrics(self) -> dict[str, float]:
+        return {f"meta/kept/{reason}": float(count) for reason, count in sorted(self.kept_reasons.items())}
 
     def _install_guidelines(self) -> None:
         self.judge.guidelines = {g: "\n\n".join(r.items) for g, r in self.guidelines.items()}
@@ -238,7 +321,7 @@ class Trainer:
         start = time.perf_counter()
         rubric = self.history.current
         result = self.mrm.meta_step(rubric, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
-                                    step=update)
+                                    step=update, fits=self.judge.fits)
         text = distributed.broadcast_text(result.rubric.render() if result.accepted else "")
         accepted = False
         if text:
@@ -252,19 +335,23 @@ class Trainer:
                 self.judge.set_rubric(rubric)
                 self.history.reject(text, reason="the judge cannot take the new rubric", error=str(err),
                                     created_step=update)
+                self.kept_reasons["judge_refused"] = self.kept_reasons.get("judge_refused", 0) + 1
         else:
             self.history.reject(result.merged_text or None, reason="meta step kept the rubric", error=result.reason,
                                 created_step=update)
+            self.kept_reasons[result.reason_code] = self.kept_reasons.get(result.reason_code, 0) + 1
         _LOG.info("update %d: meta step %s", update, f"installed rubric iteration {self.history.current.iteration}"
                   if accepted else f"kept the rubric ({result.reason})")
         if self.is_main:
             result.save(self.run_dir, update, self.buffer)
             self.history.save(self.run_dir)
         self.buffer = []
-        return {"meta/step": 1.0, "meta/accepted": float(accepted), "time/meta_s": time.perf_counter() - start}
+        return {"meta/step": 1.0, "meta/accepted": float(accepted), **self._kept_metrics(),
+                "time/meta_s": time.perf_counter() - start}
 
     def _host_state(self) -> dict[str, Any]:
         return {"update": self.update, "data": self.iterator.get_state(), "rubric_history": self.history.to_json(),
+                "kept_reasons": dict(self.kept_reasons),
                 "math_guidelines": {str(g): r.render() for g, r in self.guidelines.items()},
                 "meta_buffer": [{"record": s.record, "response": s.response, "score": s.score,
                                  "rationales": list(s.rationales)} for s in self.buffer]}
@@ -278,7 +365,8 @@ class Trainer:
         self.iterator.set_state(host["data"])
         self.history = RubricHistory.from_json(host["rubric_history"])
         self.judge.set_rubric(self.history.current)
-        self.guidelines = {int(g): Rubric.parse(text, limits=self.history.limits, task=self.task.name)
+        self.kept_reasons.update({str(k): int(v) for k, v in host.get("kept_reasons", {}).items()})
+        self.guidelines = {int(g): Rubric.parse(text, limits=self.task.rubric_limits, task=self.task.name)
                            for g, text in host.get("math_guidelines", {}).items()}
         self._install_guidelines()
         self.buffer = [MetaSample(record=s["record"], response=s["response"], score=float(s["score"]),
@@ -345,18 +433,25 @@ class Trainer:
             # reached its first checkpoint) describe updates that will be redone.
             _drop_files_after(self.run_dir, self.update, self.history.current.iteration)
             _truncate_rollouts(self.run_dir / ROLLOUTS_FILE, self.update)
+            truncate_eval_rows(self.run_dir, self.update if self.update else -1)
             self.history.save(self.run_dir)
-        writer = MetricsWriter(self.run_dir, enabled=self.is_main, resume_from_update=self.update + 1,
+        # A run that starts from scratch redoes the evaluation before its first update (update 0).
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main, resume_from_update=self.update + 1 if self.update
+                               else 0,
                                total_updates=cfg.num_updates, tensorboard=cfg.log.tensorboard,
                                progress=cfg.log.progress)
         last: dict[str, float] = {}
         with writer, PreemptionGuard() as guard:
+            if self.evaluator is not None and self.update == 0:
+                writer.write(0, self._evaluate(0))
             while self.update < cfg.num_updates:
                 update = self.update + 1
                 metrics = self.train_step(update)
                 if cfg.meta.enabled and update % cfg.meta.interval == 0:
                     metrics.update(self._meta_step(update))
                     writer.write_rubric(self.history.current, update)
+                if self.evaluator is not None and (update % cfg.eval.every == 0 or update == cfg.num_updates):
+                    metrics.update(self._evaluate(update))
                 self.update = update
                 writer.write(update, metrics)
                 last = metrics

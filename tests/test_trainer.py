@@ -3,6 +3,7 @@ SIGKILL + resume equality, SIGTERM, and configuration errors raised before anyth
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from mpo_jax.compilation import count_compilations
 from mpo_jax.config import ConfigError, load_config
 from mpo_jax.metrics import read_metrics
 from mpo_jax.rubric import RubricHistory
+from mpo_jax.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -232,27 +234,207 @@ def test_two_processes_on_localhost_match_the_single_process_run(reference_run, 
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
-def test_math_meta_step_refines_one_guideline_per_subject(tmp_path, cache_env):
-    trainer = run_in_process(tmp_path / "math", "--config.task=math", "--config.num_updates=2",
-                             "--config.log.report=false", "--config.judge.max_rubric_tokens=2048")
-    record = json.loads((tmp_path / "math" / "meta_evaluation_2.json").read_text())
+# -- a scripted judge and meta model behind a fake OpenAI-compatible server ----------------------
+
+NEW_CRITERIA = (
+    "### Brevity and focus (0-5)\n- 5: Every paragraph serves the instruction; for example, a story that keeps "
+    "to one scene.\n- 2: Some sentences wander away from the instruction.\n- 0: The response ignores the "
+    "instruction or is empty.",
+    "### Development of ideas (0-5)\n- 5: Claims are supported with concrete detail; for example, a named event "
+    "backs an argument.\n- 2: Support is thin or generic.\n- 0: No idea is developed beyond one sentence.",
+)
+# Judge scores per item: high only once the rubric in its system turn holds the new criteria.
+OLD_RUBRIC_SCORE, NEW_RUBRIC_SCORE = 1, 5
+
+
+def _guideline_text(chars: int) -> str:
+    sentences = [f"Check step {i} of the solution against the reference and note any sign error in it."
+                 for i in range(1, 400)]
+    return " ".join(sentences)[:chars].rsplit(" ", 1)[0] + "."
+
+
+GUIDELINE = _guideline_text(6000)
+
+
+def scripted_mpo(index, seen):
+    """Judge: a score that depends on the rubric text; MRM: fixed analyses and criteria."""
+    from fake_openai import ok
+
+    from mpo_jax.tasks import get_task
+
+    messages = seen.body["messages"]
+    system, last = messages[0]["content"], messages[-1]["content"]
+    essay, math = get_task("essay"), get_task("math")
+    if system.startswith(essay.judge_system):
+        if "single integer" in last:  # the score turn
+            return ok(str(NEW_RUBRIC_SCORE if "Brevity and focus" in system else OLD_RUBRIC_SCORE))
+        return ok("The writing addresses the item.<EOE>")
+    if system == math.meta_system:
+        if "next version of the meta-level guidelines" in last:
+            return ok(GUIDELINE + "<EOE>")
+        return ok("The junior instructor missed sign errors.<EOE>")
+    if system == essay.meta_system:
+        if "How many" in last:
+            return ok(str(len(NEW_CRITERIA)))
+        number = re.search(r"criterion #(\d+)", last)
+        if number:
+            return ok(NEW_CRITERIA[(int(number.group(1)) - 1) % len(NEW_CRITERIA)] + "<EOE>")
+        return ok("The score is inflated: the response does not develop the instruction.<EOE>")
+    return ok("unexpected request<EOE>")
+
+
+@pytest.fixture
+def mpo_server():
+    from fake_openai import FakeServer
+
+    server = FakeServer(scripted_mpo, max_requests=100_000, lifetime_s=900).start()
+    yield server
+    server.stop()
+
+
+def test_the_new_rubric_reaches_the_reward_from_the_update_after_the_meta_step(tmp_path, cache_env, mpo_server):
+    """Remote judge and meta model (the loopback server): rubric iteration 1 is installed at update 2's
+    meta step and every score from update 3 on is the new rubric's (2 items x 5), not the old one's (1 x 1)."""
+    run_dir = tmp_path / "remote"
+    run_in_process(run_dir, f"--config.judge.remote.base_url={mpo_server.url}", "--config.judge.mode=generate",
+                   f"--config.meta.remote.base_url={mpo_server.url}", "--config.num_updates=3",
+                   "--config.log.report=false")
+    metrics = metrics_by_update(run_dir)
+    assert [metrics[u]["score/mean"] for u in (1, 2, 3)] == [OLD_RUBRIC_SCORE, OLD_RUBRIC_SCORE,
+                                                             len(NEW_CRITERIA) * NEW_RUBRIC_SCORE]
+    assert [metrics[u]["rubric/iteration"] for u in (1, 2, 3)] == [0, 0, 1]
+    assert metrics[2]["meta/accepted"] == 1.0 and metrics[3]["rubric/items"] == len(NEW_CRITERIA)
+    history = json.loads((run_dir / "rubric_history.json").read_text())
+    accepted = [e for e in history["events"] if e["accepted"]]
+    assert [(e["iteration"], e["created_step"]) for e in accepted] == [(0, None), (1, 2)]
+    assert RubricHistory.load(run_dir).current.items == NEW_CRITERIA
+    rollouts = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["rubric_iteration"] for r in rollouts if r["update"] == 3} == {1}
+    # every score request after the meta step carried the new rubric in its system turn
+    essay_judge = get_task("essay").judge_system
+    judge_systems = [s.body["messages"][0]["content"] for s in mpo_server.seen
+                     if s.body["messages"][0]["content"].startswith(essay_judge)]
+    assert "Brevity and focus" in judge_systems[-1] and "Brevity and focus" not in judge_systems[0]
+
+
+def test_kept_rubrics_are_counted_by_reason(tmp_path, cache_env):
+    """The tiny random meta model writes noise: whatever it writes, a kept rubric is counted by its reason."""
+    run_dir = tmp_path / "kept"
+    run_in_process(run_dir, "--config.num_updates=2", "--config.log.report=false")
+    metrics = metrics_by_update(run_dir)
+    kept = {k: v for k, v in metrics[2].items() if k.startswith("meta/kept/")}
+    assert kept, "no meta/kept/* metrics"
+    history = RubricHistory.load(run_dir)
+    assert sum(kept.values()) == sum(not e.accepted for e in history.events) == 1 - metrics[2]["meta/accepted"]
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("grpo", ["--config.algorithm=grpo", "--config.grpo.group_size=2", "--config.data.batch_size=4",
+              "--config.grpo.num_mini_batches=2"]),
+    ("critic", ["--config.critic.name=tiny-random", "--config.critic.tiny_hidden_size=32",
+                "--config.critic.remat=false"]),
+    ("generate_judge", ["--config.judge.mode=generate", "--config.judge.rationale_tokens=6"]),
+])
+def test_one_update_runs_for_each_variant(name, overrides, tmp_path, cache_env):
+    run_dir = tmp_path / name
+    trainer = run_in_process(run_dir, "--config.num_updates=1", "--config.log.report=false", *overrides)
+    metrics = metrics_by_update(run_dir)[1]
+    for key in ("score/mean", "objective/kl", "loss/policy_avg"):
+        assert np.isfinite(metrics[key]), key
+    assert (run_dir / "checkpoints" / "1").is_dir() and trainer.update == 1
+    if name == "critic":
+        assert np.isfinite(metrics["loss/value_avg"])
+    if name == "generate_judge":
+        rationales = trainer.judge.score_detailed([{"prompt": "Write about rain."}], ["Rain fell."])[0].rationales
+        assert len(rationales) == len(trainer.history.current.items)
+
+
+def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path, cache_env, mpo_server):
+    """A 6,000-character guideline (over the generic 4,000-character item limit, within MATH's 12,000)."""
+    from mpo_jax.tasks import load_records
+    from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
+    from mpo_jax.trainer import Trainer
+
+    run_dir = tmp_path / "math"
+    args = ["--config.task=math", "--config.num_updates=2", "--config.log.report=false",
+            f"--config.meta.remote.base_url={mpo_server.url}", "--config.judge.plan_tokens=6"]
+    trainer = run_in_process(run_dir, *args)
+    record = json.loads((run_dir / "meta_evaluation_2.json").read_text())
+    data_dir = next(a.split("=", 1)[1] for a in FAST if a.startswith("--config.data.data_dir="))
+    seen = {r["subject"] for r in load_records("math", "train", data_dir)}
+    assert record["groups"] and set(record["groups"]) <= seen
+    assert all(group["accepted"] for group in record["groups"].values()), record["groups"]
+    assert {MATH_SUBJECTS[g] for g in trainer.judge.guidelines} == set(record["groups"])
+    assert all(text == GUIDELINE for text in trainer.judge.guidelines.values()) and len(GUIDELINE) > 4000
+    for name in record["groups"]:
+        assert GUIDELINE in (run_dir / f"guideline_{name}.txt").read_text()
+    restored = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={run_dir}", *args]))
+    restored._restore()
+    assert restored.update == 2
+    assert {g: r.items for g, r in restored.guidelines.items()} == \
+        {subject_id({"subject": name}): (GUIDELINE,) for name in record["groups"]}
+
+
+def test_in_training_evaluation_scores_the_same_held_out_prompts_each_time(tmp_path, cache_env):
+    run_dir = tmp_path / "eval"
+    run_in_process(run_dir, "--config.num_updates=2", "--config.eval.every=2", "--config.eval.num_prompts=3",
+                   "--config.eval.max_new_tokens=6", "--config.log.report=false")
+    metrics = metrics_by_update(run_dir)
+    assert sorted(metrics) == [0, 1, 2]  # before training, then every eval.every updates
+    assert not any(k.startswith("eval/") for k in metrics[1])
+    rows = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").read_text().splitlines()]
+    by_update = {u: [r for r in rows if r["update"] == u] for u in (0, 2)}
+    assert [len(by_update[u]) for u in (0, 2)] == [3, 3]
+    assert [r["prompt"] for r in by_update[0]] == [r["prompt"] for r in by_update[2]]
     data_dir = next(a.split("=", 1)[1] for a in FAST if a.startswith("--config.data.data_dir="))
     from mpo_jax.tasks import load_records
 
-    seen = {r["subject"] for r in load_records("math", "train", data_dir)}
-    assert record["groups"] and set(record["groups"]) <= seen
-    accepted = {name for name, group in record["groups"].items() if group["accepted"]}
-    from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS
+    test_prompts = {get_task("essay").prompt_text(r) for r in load_records("essay", "test", data_dir)}
+    assert {r["prompt"] for r in rows} <= test_prompts
+    for update in (0, 2):
+        m = metrics[update]
+        assert m["eval/length_mean"] == pytest.approx(np.mean([r["response_tokens"] for r in by_update[update]]))
+        assert m["eval/judge_score"] == pytest.approx(np.mean([r["judge_score"] for r in by_update[update]]),
+                                                      rel=1e-5)
+        assert m["eval/independent_score"] == pytest.approx(
+            np.mean([r["independent_score"] for r in by_update[update]]), rel=1e-5)
+        hack_rates = {k[len("eval/hack/"):]: v for k, v in m.items()
+                      if k.startswith("eval/hack/") and k != "eval/hack/any"}
+        assert hack_rates
+        for name, rate in hack_rates.items():
+            assert rate == pytest.approx(np.mean([name in r["hacks"] for r in by_update[update]])), name
 
-    assert {MATH_SUBJECTS[g] for g in trainer.judge.guidelines} == accepted
-    for name in accepted:
-        assert (tmp_path / "math" / f"guideline_{name}.txt").is_file()
+
+PAPER_UPDATES = {"essay": 407, "summarization": 580, "ethics": 203, "math": 118}  # meta steps x interval
+PAPER_INTERVALS = {"essay": 10, "summarization": 20, "ethics": 10, "math": 30}
 
 
 @pytest.mark.parametrize("variant", ["essay_mpo", "essay_ppo_expert", "summarization_ppo_mpo", "ethics_ppo_iter0",
                                      "math_grpo_mpo", "math_ppo_iter0"])
 def test_paper_configs_load_and_validate(variant):
     config = load_config(f"{ROOT}/configs/paper.py:{variant}")
+    task = variant.split("_")[0]
     assert config.policy.lora_rank == 64 and config.ppo.optimizer.learning_rate == 3e-6
+    assert "lm_head" in config.policy.lora_targets
     assert config.meta.enabled == variant.endswith("mpo")
     assert config.rollouts_per_update == 64
+    # the published judge protocol and the original's token budgets
+    assert (config.judge.mode, config.judge.rationale_tokens) == ("generate", 300)
+    assert (config.meta.analysis_tokens, config.meta.item_tokens) == (2000, 500)
+    assert (config.judge.max_rubric_tokens, config.judge.max_items) == (0, 0)  # derived
+    assert config.num_updates == PAPER_UPDATES[task] == config.update_config.optimizer.total_updates
+    assert config.meta.interval == PAPER_INTERVALS[task]
+    if task == "summarization":
+        assert config.data.max_prompt_tokens == 4000
+
+
+def test_the_judge_rubric_budget_follows_the_meta_config():
+    config = load_config(f"{ROOT}/configs/paper.py:essay_mpo")
+    from mpo_jax.config import RUBRIC_HEADROOM_TOKENS
+
+    items = get_task("essay").rubric_limits.max_items  # meta.max_items = 0: the task's hard limit
+    assert config.judge_max_items == items
+    expected = items * 500 + RUBRIC_HEADROOM_TOKENS
+    assert config.judge_rubric_tokens(100) == -(-expected // 256) * 256 >= expected
+    fixed = load_config(f"{ROOT}/configs/paper.py:essay_ppo_expert")  # no meta step: the initial rubric decides
+    assert fixed.judge_rubric_tokens(1300) == -(-(1300 + RUBRIC_HEADROOM_TOKENS) // 256) * 256
