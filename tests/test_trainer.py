@@ -317,10 +317,9 @@ def test_the_new_rubric_reaches_the_reward_from_the_update_after_the_meta_step(t
     assert "Brevity and focus" in judge_systems[-1] and "Brevity and focus" not in judge_systems[0]
 
 
-def test_kept_rubrics_are_counted_by_reason(tmp_path, cache_env):
+def test_kept_rubrics_are_counted_by_reason(reference_run):
     """The tiny random meta model writes noise: whatever it writes, a kept rubric is counted by its reason."""
-    run_dir = tmp_path / "kept"
-    run_in_process(run_dir, "--config.num_updates=2", "--config.log.report=false")
+    run_dir = reference_run
     metrics = metrics_by_update(run_dir)
     kept = {k: v for k, v in metrics[2].items() if k.startswith("meta/kept/")}
     assert kept, "no meta/kept/* metrics"
@@ -378,7 +377,7 @@ def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path
 def test_in_training_evaluation_scores_the_same_held_out_prompts_each_time(tmp_path, cache_env):
     run_dir = tmp_path / "eval"
     run_in_process(run_dir, "--config.num_updates=2", "--config.eval.every=2", "--config.eval.num_prompts=3",
-                   "--config.eval.max_new_tokens=6", "--config.log.report=false")
+                   "--config.eval.max_new_tokens=6", "--config.eval.judge_rubric=iter0", "--config.log.report=false")
     metrics = metrics_by_update(run_dir)
     assert sorted(metrics) == [0, 1, 2]  # before training, then every eval.every updates
     assert not any(k.startswith("eval/") for k in metrics[1])
