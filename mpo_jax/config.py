@@ -3,9 +3,9 @@
 A config file is Python (the JAX convention) with `get_config()` returning a `ConfigDict`; it
 starts from `default_config()` so every key exists with its type. Command-line overrides
 (`--config.ppo.optimizer.learning_rate=1e-5`) are parsed against the key's current type.
-`to_train_config` turns the dict into `TrainConfig`, naming any unknown key or wrong type, and
-`check_resources` checks what can be checked before anything compiles: data files, models,
-the mesh against the device count.
+`to_train_config` turns the dict into `TrainConfig`, naming any unknown key or wrong type. What
+needs the machine (data files, models, the mesh against the device count) is checked by the
+trainer's `check_resources` before anything compiles.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from mpo_jax.fileio import iter_jsonl_objects
 from mpo_jax.tasks import Task, default_data_dir, get_task
 
 __all__ = [
-    "BUILDERS", "JsonlTaskBuilder", "MpoEssay", "MpoEthics", "MpoMath", "MpoSummarization", "builder_for",
+    "BUILDERS", "JsonlTaskBuilder", "MpoEssay", "MpoEthics", "MpoMath", "MpoSummarization",
     "prepare_jsonl_builder", "resolve_tfds_dir", "source_fingerprint", "split_files", "stored_fingerprint",
     "stored_split_sha256",
 ]
@@ -132,11 +132,6 @@ class MpoMath(JsonlTaskBuilder):
 BUILDERS: Mapping[str, type[JsonlTaskBuilder]] = MappingProxyType({
     cls.TASK_NAME: cls for cls in (MpoEssay, MpoSummarization, MpoEthics, MpoMath)
 })
-
-
-def builder_for(task: str | Task) -> type[JsonlTaskBuilder]:
-    """The builder class of a task (name, MPO alias or `Task`)."""
-    return BUILDERS[_task(task).name]
 
 
 def resolve_tfds_dir(tfds_dir: str | os.PathLike[str] | None) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from mpo_jax.rl.kl import ESTIMATORS
 from mpo_jax.rl.rewards import SCORE_POSITIONS
@@ -114,14 +113,3 @@ class GRPOConfig:
             raise ValueError(f"batch size {batch_size} must be divisible by group_size ({self.group_size}) and "
                              f"by num_mini_batches x gradient_accumulation_steps = {per}")
 
-
-def from_dict(cls: type, data: dict[str, Any]):
-    """Build a config from a plain dict, naming unknown keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
-    data = dict(data)
-    if isinstance(data.get("optimizer"), dict):
-        data["optimizer"] = from_dict(OptimizerConfig, data["optimizer"])
-    return cls(**data)
