@@ -48,8 +48,10 @@ test-parity: install
 	$(PIP) install -q -e ".[parity]"
 	$(PY) -m pytest -q -m parity
 
+# ruff, then the package's layer contracts (import-linter, pyproject.toml; see docs/architecture.md).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) tests/test_layers.py
 
 bench: install
 	$(PY) bench/bench_generate.py

@@ -8,7 +8,7 @@ it writes show the machinery, not MPO's effect; the paper's setups (configs/pape
 judges of 7B and more.
 """
 
-from mpo_jax.config import default_config
+from mpo_jax.train.config import default_config
 
 
 def get_config():

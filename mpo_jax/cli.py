@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mpo_jax.language_model import load_model
-    from mpo_jax.sampling import SamplingParams
-    from mpo_jax.sharding import make_mesh
+    from mpo_jax.engine.language_model import load_model
+    from mpo_jax.engine.sampling import SamplingParams
+    from mpo_jax.engine.sharding import make_mesh
 
     mesh = make_mesh(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
     start = time.perf_counter()
@@ -35,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _models(_: argparse.Namespace) -> int:
-    from mpo_jax.presets import PRESETS
+    from mpo_jax.engine.presets import PRESETS
 
     for preset in PRESETS.values():
         print(f"{preset.name:32s} {preset.description}")
@@ -45,13 +45,13 @@ def _models(_: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
-    from mpo_jax.config import load_config
+    from mpo_jax.train.config import load_config
 
     config = load_config(args.config, args.overrides)  # every key checked before JAX starts
-    from mpo_jax import distributed
+    from mpo_jax.train import distributed
 
     distributed.initialize(config.distributed)
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(config)
@@ -89,11 +89,11 @@ def _load_judge_side(args: argparse.Namespace):
         except RubricError as err:
             raise RubricError(f"--rubric {path}: {err}") from err
     if args.base_url:
-        from mpo_jax.backends.remote import RemoteChatModel
+        from mpo_jax.engine.remote import RemoteChatModel
 
         model = RemoteChatModel(args.base_url, args.model, api_key_env=args.api_key_env)
     else:
-        from mpo_jax.language_model import load_model
+        from mpo_jax.engine.language_model import load_model
 
         model = load_model(args.model, dtype=args.dtype)
     return model, task, rubric
@@ -102,8 +102,8 @@ def _load_judge_side(args: argparse.Namespace):
 def _score(args: argparse.Namespace) -> int:
     import json
 
-    from mpo_jax.judge import Judge
-    from mpo_jax.offline import read_rows, score_rows
+    from mpo_jax.reward.judge import Judge
+    from mpo_jax.reward.offline import read_rows, score_rows
 
     rows = read_rows(args.input)
     model, task, rubric = _load_judge_side(args)
@@ -122,8 +122,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _meta(args: argparse.Namespace) -> int:
-    from mpo_jax.meta import MetaRewardModel
-    from mpo_jax.offline import meta_from_rows, read_rows
+    from mpo_jax.reward.meta import MetaRewardModel
+    from mpo_jax.reward.offline import meta_from_rows, read_rows
 
     rows = read_rows(args.buffer, need_score=True)
     model, task, rubric = _load_judge_side(args)
@@ -146,7 +146,7 @@ def _judge_side_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mpo_jax.report import run_report
+    from mpo_jax.train.report import run_report
 
     return run_report(args)
 
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta.set_defaults(func=_meta)
 
     report = sub.add_parser("report", help="plots and a rubric-history page for a run directory")
-    from mpo_jax.report import add_report_arguments
+    from mpo_jax.train.report import add_report_arguments
 
     add_report_arguments(report)
     report.set_defaults(func=_report)
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(func=run_eval)
 
     export = sub.add_parser("export", help="export a trained policy (LoRA merged) as a Hugging Face checkpoint")
-    from mpo_jax.export import add_export_arguments, run_export
+    from mpo_jax.train.export import add_export_arguments, run_export
 
     add_export_arguments(export)
     export.set_defaults(func=run_export)

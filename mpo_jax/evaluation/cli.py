@@ -99,8 +99,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 # -- score --------------------------------------------------------------------------------------
 
 def _run_score(args: argparse.Namespace) -> int:
-    from mpo_jax.evaluation.metrics import score_generations
     from mpo_jax.evaluation.tables import elo_cells_from_json, merge_cells, metric_cells, results_table
+    from mpo_jax.tasks.metrics import score_generations
 
     players = load_players(args.generations)
     task = resolve_task(args.task, players)
@@ -132,13 +132,13 @@ def _run_score(args: argparse.Namespace) -> int:
 def build_judge_model(args: argparse.Namespace) -> Any:
     """The pairwise judge's model: an OpenAI-compatible endpoint, or a local model / preset / tiny-random."""
     if args.base_url:
-        from mpo_jax.backends.remote import RemoteChatModel
+        from mpo_jax.engine.remote import RemoteChatModel
 
         return RemoteChatModel(args.base_url, args.judge, api_key_env=args.api_key_env or None,
                                constraint_style=args.constraint_style, max_concurrency=args.concurrency)
-    from mpo_jax.config import ModelSpec
     from mpo_jax.evaluation.generate import check_model_name, device_mesh
-    from mpo_jax.model_specs import build_model
+    from mpo_jax.train.config import ModelSpec
+    from mpo_jax.train.model_specs import build_model
 
     check_model_name(args.judge, "--judge")
     spec = ModelSpec(name=args.judge, dtype=args.dtype, remat=False, seed=args.judge_seed)
@@ -193,13 +193,13 @@ def repair_configurations(modes: Sequence[str] | None, fence: str) -> list[Any]:
 
 
 def _run_repair(args: argparse.Namespace) -> int:
-    from mpo_jax.config import ModelSpec
     from mpo_jax.evaluation import repair as bench
     from mpo_jax.evaluation.generate import check_model_name
-    from mpo_jax.judge import Judge
-    from mpo_jax.meta import MetaRewardModel
-    from mpo_jax.model_specs import build_model
+    from mpo_jax.reward.judge import Judge
+    from mpo_jax.reward.meta import MetaRewardModel
     from mpo_jax.tasks import load_records
+    from mpo_jax.train.config import ModelSpec
+    from mpo_jax.train.model_specs import build_model
 
     task = bench.benchmark_task(args.task)
     rubric = bench.load_rubric(task, args.rubric)
@@ -370,7 +370,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run the chosen `eval` subcommand; errors are printed as `error: ...` with exit status 2."""
-    from mpo_jax.backends.remote import RemoteBackendError
+    from mpo_jax.engine.remote import RemoteBackendError
 
     try:
         return args.eval_func(args)

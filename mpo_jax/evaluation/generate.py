@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_jax.engine.language_model import LanguageModel
 from mpo_jax.fileio import read_jsonl_objects
-from mpo_jax.language_model import LanguageModel
 
 if TYPE_CHECKING:
-    from mpo_jax.config import TrainConfig
-from mpo_jax.sampling import SamplingParams
+    from mpo_jax.train.config import TrainConfig
+from mpo_jax.engine.sampling import SamplingParams
 
 _LOG = logging.getLogger(__name__)
 TINY = "tiny-random"
@@ -84,7 +84,7 @@ def device_mesh(shape: Sequence[int] | None):
     """A (data, fsdp, tensor) mesh over the first devices, or None for one device."""
     import jax
 
-    from mpo_jax import sharding as sharding_lib
+    from mpo_jax.engine import sharding as sharding_lib
 
     if shape is None:
         return None
@@ -102,7 +102,7 @@ def check_model_name(name: str, what: str = "model") -> None:
     """Fail early, naming the accepted forms, when `name` is no preset, path or tiny-random."""
     if name == TINY:
         return
-    from mpo_jax import presets
+    from mpo_jax.engine import presets
 
     try:
         presets.resolve(name)
@@ -117,9 +117,9 @@ def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None 
 
     `mesh` is a (data, fsdp, tensor) shape; None uses the run's own mesh.
     """
-    from mpo_jax.checkpoint import Checkpointer
-    from mpo_jax.config import to_train_config
-    from mpo_jax.model_specs import build_policy_and_state, checkpoint_directory, install_policy_params
+    from mpo_jax.train.checkpoint import Checkpointer
+    from mpo_jax.train.config import to_train_config
+    from mpo_jax.train.model_specs import build_policy_and_state, checkpoint_directory, install_policy_params
 
     run_dir = Path(run_dir).expanduser()
     config_path = run_dir / "config.json"
@@ -158,8 +158,8 @@ def load_generation_model(model_or_run: LanguageModel | str | os.PathLike[str], 
         return restored.model, label, restored.config.task
     if update is not None:
         raise ValueError(f"update={update} applies to trainer run directories only; {model_or_run} is not one")
-    from mpo_jax.config import ModelSpec
-    from mpo_jax.model_specs import build_model
+    from mpo_jax.train.config import ModelSpec
+    from mpo_jax.train.model_specs import build_model
 
     name = os.fspath(model_or_run)
     check_model_name(name)

@@ -93,7 +93,7 @@ class PairwiseJudge:
 
     def __init__(self, model: Any, task: str | Task, *, mode: str = "auto", batch_size: int = 8,
                  max_response_words: int | None = None):
-        from mpo_jax.language_model import LanguageModel
+        from mpo_jax.engine.language_model import LanguageModel
 
         self.task = get_task(task) if isinstance(task, str) else task
         if mode not in MODES:
@@ -156,7 +156,7 @@ class PairwiseJudge:
             return [Verdict(r if r in OPTIONS else None) for r in replies]
         if self.mode == "logits":
             return self._judge_logits(chats)
-        from mpo_jax.sampling import SamplingParams
+        from mpo_jax.engine.sampling import SamplingParams
 
         constraint, max_new_tokens = self._choice
         out = self.model.sample(chats, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), constraint)
@@ -188,8 +188,8 @@ class PairwiseJudge:
     def _judge_logits(self, chats: list[list[dict[str, str]]]) -> list[Verdict]:
         import jax.numpy as jnp
 
-        from mpo_jax.rollout import left_pad
-        from mpo_jax.sampling import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
+        from mpo_jax.engine.sampling import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
+        from mpo_jax.train.rollout import left_pad
 
         ids = [self.model.encode_prompt(chat) for chat in chats]
         length = bucket(max(len(i) for i in ids), PROMPT_BUCKETS, "judge prompt length (tokens)")

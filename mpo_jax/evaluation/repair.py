@@ -7,7 +7,7 @@ set of responses:
 
 1. Labelled set: for N train-split prompts, one good response (from a `writer` model, or read
    from a JSONL file) and, for each good response, the code-made hack of every kind in
-   `mpo_jax.evaluation.hacks.HACK_KINDS`. Saved as JSONL and reused by later runs.
+   `mpo_jax.reward.hacks.HACK_KINDS`. Saved as JSONL and reused by later runs.
 2. Score every response with a judge under a rubric. Pairwise accuracy per hack kind: over
    prompts, the fraction where the good response scores above that hack (ties count 0.5).
 3. Repair: hand the scored set to `MetaRewardModel.meta_step` as its buffer, install the new
@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mpo_jax.evaluation.hacks import HACK_KINDS, make_hack
 from mpo_jax.fileio import read_jsonl_objects
+from mpo_jax.reward.hacks import HACK_KINDS, make_hack
 from mpo_jax.rubric import Rubric, RubricError
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import FENCE_NOTE, fenced_task
@@ -190,7 +190,7 @@ def read_good_responses(path: str | os.PathLike[str], task: Task, n: int, seed: 
 # -- scoring ------------------------------------------------------------------------------------
 
 class ScoringJudge(Protocol):
-    """What the benchmark needs from a judge (`mpo_jax.judge.Judge` or a stand-in)."""
+    """What the benchmark needs from a judge (`mpo_jax.reward.judge.Judge` or a stand-in)."""
 
     def score(self, records: Sequence[Any], responses: Sequence[str]) -> np.ndarray: ...
 
@@ -289,7 +289,7 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
     unchanged, so the set is not re-scored. One generator seeded with `seed` drives the MRM's
     sample selection, so configurations scored alike select alike.
     """
-    from mpo_jax.meta import MetaSample
+    from mpo_jax.reward.meta import MetaSample
 
     if meta_steps < 0:
         raise ValueError(f"meta_steps must be >= 0, got {meta_steps}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo_jax.evaluation.elo import EloSummary
-from mpo_jax.report import markdown_text
+from mpo_jax.train.report import markdown_text
 
 ROUGE_COLUMNS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeLsum": "R-Lsum"}
 # Text made only of these characters cannot start Markdown syntax (intraword "_" is not emphasis).

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mpo_jax import sharding as sharding_lib
+from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.rl.batch import RolloutBatch, validate_batch
 from mpo_jax.rl.train_state import TrainState
 

@@ -96,7 +96,7 @@ def locate_checkpoint(path: str | os.PathLike, update: int | None = None) -> Run
 
 
 def _read_train_config(run_dir: Path) -> Any:
-    from mpo_jax.config import ConfigError, to_train_config
+    from mpo_jax.train.config import ConfigError, to_train_config
 
     path = run_dir / "config.json"
     try:
@@ -127,9 +127,9 @@ def _check_update_available(checkpointer: Any, run_dir: Path, update: int | None
 
 def restore_policy(run: RunCheckpoint) -> tuple[Any, Any, int, dict[str, Any]]:
     """(policy LanguageModel, restored TrainState, update, host state), rebuilt as the trainer does."""
-    from mpo_jax.checkpoint import Checkpointer
-    from mpo_jax.config import ConfigError
-    from mpo_jax.model_specs import build_policy_and_state, check_model_available
+    from mpo_jax.train.checkpoint import Checkpointer
+    from mpo_jax.train.config import ConfigError
+    from mpo_jax.train.model_specs import build_policy_and_state, check_model_available
 
     config = _read_train_config(run.run_dir)
     try:
@@ -210,13 +210,14 @@ def _hf_tokenizer_copy(backend: Any, bos_text: str | None, bos_id: int | None, a
 
 def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike, *, model_max_length: int | None = None
                    ) -> tuple[str, ...]:
-    """Write `tokenizer` (any `mpo_jax.tokenizer.Tokenizer`) as Hugging Face tokenizer files; returns their names.
+    """Write `tokenizer` (any `mpo_jax.engine.tokenizer.Tokenizer`) as Hugging Face tokenizer files;
+    returns their names.
 
     Byte-level and SentencePiece-style BPE (HF directories, GGUF metadata) become tokenizer.json
     loaded by `PreTrainedTokenizerFast`; a SentencePiece model becomes tokenizer.model. The
     special tokens, BOS behaviour and chat template are the ones `tokenizer` uses.
     """
-    from mpo_jax.tokenizer import _HFBackend, _SentencePieceBackend
+    from mpo_jax.engine.tokenizer import _HFBackend, _SentencePieceBackend
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

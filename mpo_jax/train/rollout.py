@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from mpo_jax.language_model import LanguageModel
-from mpo_jax.sampling import SamplingParams
+from mpo_jax.engine.language_model import LanguageModel
+from mpo_jax.engine.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from mpo_jax.fileio import read_jsonl_objects
-from mpo_jax.judge import Judge
-from mpo_jax.meta import MetaRewardModel, MetaSample
-from mpo_jax.rubric import Rubric, RubricHistory
+from mpo_jax.reward.judge import Judge
+from mpo_jax.reward.meta import MetaRewardModel, MetaSample
+from mpo_jax.reward.rubric_history import RubricHistory
+from mpo_jax.rubric import Rubric
 from mpo_jax.tasks import Task
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from mpo_jax import constraints as constraints_lib
-from mpo_jax import sharding as sharding_lib
+from mpo_jax.engine import constraints as constraints_lib
+from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.models.config import ModelConfig
 from mpo_jax.models.kv_cache import KVCache
 

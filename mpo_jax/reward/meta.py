@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from mpo_jax import chat_session
+from mpo_jax.engine import chat_session
+from mpo_jax.reward.sense_check import SenseIssue, check_criteria, clean_markup
 from mpo_jax.rubric import Rubric, RubricError, ScaleError, diff
-from mpo_jax.sense_check import SenseIssue, check_criteria, clean_markup
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import PRESCREEN_CHOICES, join_criteria_sets
 

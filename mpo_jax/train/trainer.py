@@ -27,26 +27,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from mpo_jax import distributed
-from mpo_jax import sharding as sharding_lib
-from mpo_jax.checkpoint import Checkpointer, PreemptionGuard
-from mpo_jax.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig, to_dict
 from mpo_jax.data import PromptIterator, prepare_task_source
-from mpo_jax.evaluation.during_training import TrainingEvaluator, held_out_records
-from mpo_jax.evaluation.during_training import append_rows as append_eval_rows
-from mpo_jax.evaluation.during_training import truncate_rows as truncate_eval_rows
+from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.fileio import atomic_write_text
-from mpo_jax.judge import Judge, RubricTooLongError
-from mpo_jax.meta import KEPT_REASONS, MetaRewardModel, MetaSample, math_meta_step
-from mpo_jax.metrics import MetricsWriter
-from mpo_jax.model_specs import (
-    build_model,
-    build_policy_and_state,
-    build_remote,
-    check_model_available,
-    checkpoint_directory,
-    install_policy_params,
-)
+from mpo_jax.reward.judge import Judge, RubricTooLongError
+from mpo_jax.reward.meta import KEPT_REASONS, MetaRewardModel, MetaSample, math_meta_step
+from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.rl import (
     RolloutBatch,
     check_finite,
@@ -57,11 +43,26 @@ from mpo_jax.rl import (
     make_rollout_stats,
     place_batch,
 )
-from mpo_jax.rollout import Rollouts, sample_rollouts
-from mpo_jax.rubric import Rubric, RubricError, RubricHistory
+from mpo_jax.rubric import Rubric, RubricError
 from mpo_jax.tasks import MathTask, get_task, load_records
 from mpo_jax.tasks.base import fenced_task
 from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
+from mpo_jax.train import distributed
+from mpo_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig, to_dict
+from mpo_jax.train.evaluator import TrainingEvaluator, held_out_records
+from mpo_jax.train.evaluator import append_rows as append_eval_rows
+from mpo_jax.train.evaluator import truncate_rows as truncate_eval_rows
+from mpo_jax.train.metrics import MetricsWriter
+from mpo_jax.train.model_specs import (
+    build_model,
+    build_policy_and_state,
+    build_remote,
+    check_model_available,
+    checkpoint_directory,
+    install_policy_params,
+)
+from mpo_jax.train.rollout import Rollouts, sample_rollouts
 
 _LOG = logging.getLogger(__name__)
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -463,7 +464,7 @@ class Trainer:
                     break
         self.checkpointer.close()
         if self.is_main and cfg.log.report and self.update == cfg.num_updates:
-            from mpo_jax.report import write_report
+            from mpo_jax.train.report import write_report
 
             write_report(self.run_dir)
         return last

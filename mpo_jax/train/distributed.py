@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mpo_jax.config import DistributedSpec
+from mpo_jax.train.config import DistributedSpec
 
 
 def initialize(spec: DistributedSpec) -> None:

@@ -21,14 +21,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from mpo_jax import constraints as constraints_lib
-from mpo_jax import presets
-from mpo_jax import sharding as sharding_lib
+from mpo_jax.engine import constraints as constraints_lib
+from mpo_jax.engine import presets
+from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.engine.sampling import GenerationState, SampleOutput, Sampler, SamplingParams
+from mpo_jax.engine.tokenizer import Tokenizer
 from mpo_jax.models.config import ModelConfig
 from mpo_jax.models.params import all_param_shapes, check_param_shapes, init_lora_params, state_from_flat
 from mpo_jax.models.transformer import Transformer
-from mpo_jax.sampling import GenerationState, SampleOutput, Sampler, SamplingParams
-from mpo_jax.tokenizer import Tokenizer
 
 Prompt = str | Sequence[dict]
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}

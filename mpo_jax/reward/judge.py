@@ -7,7 +7,7 @@ Two modes share one conversation layout, the rubric living in the system turn:
     [user: rubric item i, score request] per item
 
 - `logits` (default): per item, the expected score under the next-token distribution at the
-  point where the score would be written (`mpo_jax.judge_engine`). No decoding.
+  point where the score would be written (`mpo_jax.reward.judge_engine`). No decoding.
 - `generate`: the published protocol: per item a one-sentence rationale ending at `<EOE>`, then
   an integer constrained to digits; the conversation carries over from item to item.
 
@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpo_jax import chat_session, judge_engine
-from mpo_jax import sharding as sharding_lib
-from mpo_jax.language_model import Conversation, LanguageModel
+from mpo_jax.engine import chat_session
+from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.engine.language_model import Conversation, LanguageModel
+from mpo_jax.engine.sampling import GenerationState, bucket
 from mpo_jax.models.kv_cache import KVCache
+from mpo_jax.reward import judge_engine
 from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricError, rubric_scales
-from mpo_jax.sampling import GenerationState, bucket
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.math_reasoning import MathTask, answer_check, rationale_gate, subject_id
 

@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from mpo_jax.language_model import Conversation, LanguageModel
-from mpo_jax.sampling import SamplingParams
+from mpo_jax.engine.language_model import Conversation, LanguageModel
+from mpo_jax.engine.sampling import SamplingParams
 
 Message = dict[str, str]
 

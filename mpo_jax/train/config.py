@@ -127,7 +127,7 @@ class RolloutSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-    """In-training evaluation on a fixed held-out prompt set (`mpo_jax.evaluation.during_training`)."""
+    """In-training evaluation on a fixed held-out prompt set (`mpo_jax.train.evaluator`)."""
 
     every: int = 0  # updates between evaluations (and one before the first update); 0: off
     num_prompts: int = 8

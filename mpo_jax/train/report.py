@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from mpo_jax.metrics import METRICS_FILE, markdown_fence, read_metrics
-from mpo_jax.rubric import HISTORY_FILE, HistoryEvent, Rubric, RubricError, RubricHistory, diff
+from mpo_jax.reward.rubric_history import HISTORY_FILE, HistoryEvent, RubricHistory
+from mpo_jax.rubric import Rubric, RubricError, diff
+from mpo_jax.train.metrics import METRICS_FILE, markdown_fence, read_metrics
 
 __all__ = [
     "CONFIG_FILE", "ROLLOUTS_FILE", "MetaMarkers", "ReportError", "RunData", "load_run", "markdown_text",

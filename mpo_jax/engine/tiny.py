@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from mpo_jax.engine.tokenizer import Tokenizer
 from mpo_jax.models.config import ModelConfig
-from mpo_jax.tokenizer import Tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

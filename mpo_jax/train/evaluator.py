@@ -4,7 +4,7 @@ The training score alone cannot show reward hacking: a policy that games its jud
 each evaluation generates on the same test prompts with the same seed and measures what training
 never optimises:
 
-- response length and code-computed hack detectors (`mpo_jax.evaluation.hacks`): too short or
+- response length and code-computed hack detectors (`mpo_jax.reward.hacks`): too short or
   title-only, repeated n-grams, refusals, off-prompt, not English, copying the input, text
   addressed to the grader, code or special tokens;
 - the training judge's score with the rubric in force (what the policy is optimising);
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from mpo_jax.evaluation import hacks
-from mpo_jax.language_model import LanguageModel
-from mpo_jax.sampling import SamplingParams
+from mpo_jax.engine.language_model import LanguageModel
+from mpo_jax.engine.sampling import SamplingParams
+from mpo_jax.reward import hacks
 
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
 # Tasks with reference answers: ROUGE for summaries, verdict or answer accuracy for ethics and MATH.
@@ -90,7 +90,7 @@ class TrainingEvaluator:
             independent = np.asarray(self.independent_judge.score(self.records, texts), np.float64)
             metrics["eval/independent_score"] = float(independent.mean())
         if self.task.name in REFERENCE_METRIC_TASKS:
-            from mpo_jax.evaluation.metrics import score_generations
+            from mpo_jax.tasks.metrics import score_generations
 
             reference = score_generations(self.task.name, [{"record": r, "response": t}
                                                            for r, t in zip(self.records, texts, strict=True)])

@@ -7,9 +7,9 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from mpo_jax import presets
-from mpo_jax.config import ConfigError, ModelSpec, RemoteSpec, TrainConfig
-from mpo_jax.language_model import LanguageModel, from_random, load_model
+from mpo_jax.engine import presets
+from mpo_jax.engine.language_model import LanguageModel, from_random, load_model
+from mpo_jax.train.config import ConfigError, ModelSpec, RemoteSpec, TrainConfig
 
 TINY = "tiny-random"
 
@@ -29,7 +29,7 @@ def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False,
     """A `LanguageModel` for `spec`; LoRA adapters only for trainable models with lora_rank > 0."""
     lora_rank = spec.lora_rank if trainable else 0
     if spec.name == TINY:
-        from mpo_jax.tiny import tiny_model_config, tiny_tokenizer
+        from mpo_jax.engine.tiny import tiny_model_config, tiny_tokenizer
 
         tokenizer = tiny_tokenizer(spec.tiny_vocab_size)
         config = tiny_model_config(tokenizer, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
@@ -45,7 +45,7 @@ def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False,
 
 
 def build_remote(spec: RemoteSpec):
-    from mpo_jax.backends.remote import RemoteChatModel
+    from mpo_jax.engine.remote import RemoteChatModel
 
     return RemoteChatModel(spec.base_url, spec.model, api_key_env=spec.api_key_env or None,
                            timeout_s=spec.timeout_s, max_retries=spec.max_retries, max_concurrency=spec.concurrency)
