@@ -1,4 +1,8 @@
-"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `models`."""
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `models`.
+
+A refused input (any `MpoError`: a bad rubric file, config key, model path, ...) prints one line,
+`error: <message>`, and exits with status 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+
+from mpo_jax.errors import MissingFileError, MpoError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -82,8 +88,8 @@ def _load_judge_side(args: argparse.Namespace):
 
         path = Path(args.rubric)
         if not path.is_file():
-            raise FileNotFoundError(f"--rubric {args.rubric!r} is neither one of this task's rubrics "
-                                    f"({', '.join(task.initial_rubrics)}) nor a file")
+            raise MissingFileError(f"--rubric {args.rubric!r} is neither one of this task's rubrics "
+                                   f"({', '.join(task.initial_rubrics)}) nor a file")
         try:
             rubric = Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
         except RubricError as err:
@@ -231,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = overrides
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except MpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError, MpoError
+
 __all__ = [
     "DEFAULT_LIMITS", "MAX_SCALE", "SCALE_FORM", "Rubric", "RubricError", "RubricLimits", "ScaleError", "diff",
     "item_scale", "rubric_scales", "validate",
@@ -48,7 +50,7 @@ _TAG_RE = re.compile(r"<\s*(?:(/)\s*)?(item|rubric)\s*>", re.IGNORECASE)
 _EXCERPT_CHARS = 60
 
 
-class RubricError(ValueError):
+class RubricError(MpoError, ValueError):
     """A rubric (or the text it was parsed from) is malformed or over the limits."""
 
 
@@ -78,9 +80,9 @@ class RubricLimits:
         for name in ("max_items", "max_item_chars", "max_total_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RubricLimits.{name} must be a positive int, got {value!r}")
+                raise InvalidValueError(f"RubricLimits.{name} must be a positive int, got {value!r}")
         if not isinstance(self.require_scale, bool):
-            raise ValueError(f"RubricLimits.require_scale must be a bool, got {self.require_scale!r}")
+            raise InvalidValueError(f"RubricLimits.require_scale must be a bool, got {self.require_scale!r}")
 
 
 DEFAULT_LIMITS = RubricLimits()

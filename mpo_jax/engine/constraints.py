@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError
+
 STATE_BUCKETS = (1, 4, 16, 64, 256, 1024)
 
 
@@ -45,7 +47,7 @@ def bucket_states(n: int) -> int:
     for b in STATE_BUCKETS:
         if n <= b:
             return b
-    raise ValueError(f"constraint has {n} states; at most {STATE_BUCKETS[-1]} are supported")
+    raise InvalidValueError(f"constraint has {n} states; at most {STATE_BUCKETS[-1]} are supported")
 
 
 def unconstrained(vocab_size: int) -> TokenConstraint:
@@ -62,7 +64,7 @@ def digits(token_strings: Sequence[str], end_ids: Sequence[int], max_digits: int
     tokenizer's (models often pad their embedding table); the extra ids are never allowed.
     """
     if max_digits < 1:
-        raise ValueError("max_digits must be >= 1")
+        raise InvalidValueError("max_digits must be >= 1")
     vocab = max(len(token_strings), vocab_size or 0)
     token_strings = list(token_strings) + [""] * (vocab - len(token_strings))
     lengths = np.array([len(s) if s and s.isascii() and s.isdigit() else 0 for s in token_strings])
@@ -75,7 +77,7 @@ def digits(token_strings: Sequence[str], end_ids: Sequence[int], max_digits: int
         if state > 0:
             allowed[state, list(end_ids)] = True
     if not allowed[0].any():
-        raise ValueError("the vocabulary has no digit tokens")
+        raise InvalidValueError("the vocabulary has no digit tokens")
     return TokenConstraint(allowed, nxt, f"digits(max {max_digits})")
 
 
@@ -83,7 +85,7 @@ def choice(token_sequences: Sequence[Sequence[int]], end_ids: Sequence[int], voc
            labels: Sequence[str] = ()) -> TokenConstraint:
     """Exactly one of the given token sequences, then an end token (a trie over tokens)."""
     if not token_sequences or any(len(s) == 0 for s in token_sequences):
-        raise ValueError("choice needs at least one non-empty option")
+        raise InvalidValueError("choice needs at least one non-empty option")
     children: list[dict[int, int]] = [{}]
     terminal = [False]
     for seq in token_sequences:

@@ -26,6 +26,7 @@ from mpo_jax.engine import presets
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.engine.sampling import GenerationState, SampleOutput, Sampler, SamplingParams
 from mpo_jax.engine.tokenizer import Tokenizer
+from mpo_jax.errors import FileFormatError, InvalidValueError
 from mpo_jax.models.config import ModelConfig
 from mpo_jax.models.params import all_param_shapes, check_param_shapes, init_lora_params, state_from_flat
 from mpo_jax.models.transformer import Transformer
@@ -171,8 +172,8 @@ def _load_weights(path: Path, dtype: np.dtype) -> tuple[ModelConfig, dict[str, n
 
         config, flat = load_gguf(path, dtype=dtype)
         return config, flat, Tokenizer.from_gguf(path)
-    raise ValueError(f"cannot load {str(path)!r}: expected a .gguf file or a Hugging Face checkpoint "
-                     f"directory (config.json + *.safetensors)")
+    raise FileFormatError(f"cannot load {str(path)!r}: expected a .gguf file or a Hugging Face checkpoint "
+                          f"directory (config.json + *.safetensors)")
 
 
 def place_params(config: ModelConfig, flat: dict[str, np.ndarray], mesh: Mesh | None
@@ -200,7 +201,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh:
     adds fresh low-rank adapters (B = 0, so the model's outputs are unchanged at first).
     """
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise InvalidValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = presets.resolve(name_or_path)
     config, flat, tokenizer = _load_weights(path, _DTYPES[dtype])
     config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, remat_policy=remat_policy,

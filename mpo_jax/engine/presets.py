@@ -9,12 +9,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from mpo_jax.errors import MissingFileError, MpoError
 
-class PresetNotFoundError(FileNotFoundError):
+
+class PresetNotFoundError(MissingFileError):
     """A preset's files are not installed; the message says which package provides them."""
 
 
-class PresetIntegrityError(ValueError):
+class PresetIntegrityError(MpoError, ValueError):
     """A preset's installed files are not the ones it was made for (another release, or damaged)."""
 
 
@@ -180,7 +182,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(key).expanduser()
     if path.exists():
         return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"model {key!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path "
         f"(looked for {path.resolve()}); pass a preset name, a .gguf file, or a Hugging Face "
         f"checkpoint directory with config.json and *.safetensors")

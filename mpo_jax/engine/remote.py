@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError, MpoError
+
 logger = logging.getLogger(__name__)
 
 CONSTRAINT_STYLES = ("none", "vllm", "vllm_structured", "sglang")
@@ -45,7 +47,7 @@ _MAX_ERROR_CHARS = 500
 _INTEGER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-class RemoteBackendError(RuntimeError):
+class RemoteBackendError(MpoError, RuntimeError):
     """A chat completion failed (after any retries). `status` is the HTTP status, if any."""
 
     def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
@@ -165,13 +167,13 @@ def parse_choice(text: str, options: Sequence[str]) -> str | None:
 
 def _check_sampling(max_tokens: int, temperature: float, top_p: float, top_k: int = 0) -> None:
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise InvalidValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InvalidValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InvalidValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+        raise InvalidValueError(f"top_k must be >= 0, got {top_k}")
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str] | None:
@@ -179,7 +181,7 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str] | None:
         return None
     stops = [stop] if isinstance(stop, str) else list(stop)
     if any(not s for s in stops):
-        raise ValueError("stop strings must be non-empty")
+        raise InvalidValueError("stop strings must be non-empty")
     return stops or None
 
 
@@ -207,17 +209,17 @@ class RemoteChatModel:
                  max_retry_after_s: float = 60.0):
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"base_url must be an http(s) URL, got {_redact_url(base_url)!r}")
+            raise InvalidValueError(f"base_url must be an http(s) URL, got {_redact_url(base_url)!r}")
         if constraint_style not in CONSTRAINT_STYLES:
-            raise ValueError(f"constraint_style must be one of {CONSTRAINT_STYLES}, got {constraint_style!r}")
+            raise InvalidValueError(f"constraint_style must be one of {CONSTRAINT_STYLES}, got {constraint_style!r}")
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+            raise InvalidValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+            raise InvalidValueError(f"max_retries must be >= 0, got {max_retries}")
         if backoff_s < 0 or max_backoff_s < 0 or max_retry_after_s < 0:
-            raise ValueError("backoff_s, max_backoff_s and max_retry_after_s must be >= 0")
+            raise InvalidValueError("backoff_s, max_backoff_s and max_retry_after_s must be >= 0")
         if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+            raise InvalidValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -440,7 +442,7 @@ class RemoteChatModel:
         with constraint_style "none" (the model may say a few words around the number).
         """
         if max_digits < 1:
-            raise ValueError("max_digits must be >= 1")
+            raise InvalidValueError("max_digits must be >= 1")
         if max_tokens is None:
             max_tokens = 32 if self.constraint_style == "none" else max_digits + 1
         texts = self._chat(conversations, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -459,7 +461,7 @@ class RemoteChatModel:
         """
         options = list(options)
         if not options or any(not isinstance(o, str) or not o for o in options):
-            raise ValueError("choice needs at least one non-empty option")
+            raise InvalidValueError("choice needs at least one non-empty option")
         if max_tokens is None:
             longest = max(len(o) for o in options)
             max_tokens = longest + (32 if self.constraint_style == "none" else 1)

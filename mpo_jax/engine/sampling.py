@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from mpo_jax.engine import constraints as constraints_lib
 from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.config import ModelConfig
 from mpo_jax.models.kv_cache import KVCache
 
@@ -38,8 +39,8 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
     for b in buckets:
         if n <= b:
             return b
-    raise ValueError(f"{what} is {n}, larger than the largest bucket {buckets[-1]}; "
-                     f"shorten the input or pass larger buckets to the Sampler")
+    raise InvalidValueError(f"{what} is {n}, larger than the largest bucket {buckets[-1]}; "
+                            f"shorten the input or pass larger buckets to the Sampler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +57,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InvalidValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidValueError(f"top_k must be >= 0, got {self.top_k}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise InvalidValueError("stop strings must be non-empty")
 
 
 @dataclasses.dataclass
@@ -266,12 +267,12 @@ class Sampler:
                  constraint: constraints_lib.TokenConstraint | None = None) -> SampleOutput:
         """Sample a completion for each prompt (token ids, no padding)."""
         if not prompt_ids:
-            raise ValueError("generate needs at least one prompt")
+            raise InvalidValueError("generate needs at least one prompt")
         rows = len(prompt_ids)
         batch = self.padded_batch(rows)
         longest = max(len(p) for p in prompt_ids)
         if longest == 0:
-            raise ValueError("every prompt is empty; give at least one token per prompt")
+            raise InvalidValueError("every prompt is empty; give at least one token per prompt")
         prompt_len = bucket(longest, self.prompt_buckets, "prompt length (tokens)")
         gen_len = bucket(params.max_new_tokens, self.generation_buckets, "max_new_tokens")
         cache = self._new_cache(batch, prompt_len + gen_len)
@@ -296,8 +297,8 @@ class Sampler:
             # Grow in fixed steps so that conversations of similar length share compiled shapes.
             capacity = -(-needed // CACHE_GROWTH) * CACHE_GROWTH
             if capacity > self.config.max_position_embeddings:
-                raise ValueError(f"the conversation needs {needed} positions but the model has "
-                                 f"{self.config.max_position_embeddings}; start a new conversation")
+                raise InvalidValueError(f"the conversation needs {needed} positions but the model has "
+                                        f"{self.config.max_position_embeddings}; start a new conversation")
             cache = cache.grow(capacity)
             if self.mesh is not None:
                 cache = jax.device_put(cache, self._shardings(cache.k.shape))

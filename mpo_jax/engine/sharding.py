@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.partitioning import CACHE_AXES, logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -37,14 +38,14 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (1, 1, 1),
     if isinstance(shape, Mapping):
         unknown = sorted(set(shape) - set(MESH_AXES))
         if unknown:
-            raise ValueError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}")
+            raise InvalidValueError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}")
         shape = tuple(int(shape.get(axis, 1)) for axis in MESH_AXES)
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+        raise InvalidValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
     devices = list(devices if devices is not None else jax.devices())
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(
+        raise InvalidValueError(
             f"mesh shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices but "
             f"{len(devices)} are available; choose sizes whose product is {len(devices)}")
     mesh = jax.make_mesh(shape, MESH_AXES, devices=devices,
@@ -58,7 +59,7 @@ def as_auto_mesh(mesh: Mesh) -> Mesh:
         raise TypeError(f"expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     unknown = sorted(set(mesh.axis_names) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"mesh axes {unknown} are not understood; name the axes from {MESH_AXES}")
+        raise InvalidValueError(f"mesh axes {unknown} are not understood; name the axes from {MESH_AXES}")
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))

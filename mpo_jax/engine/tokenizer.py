@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
+
 SUPPORTED_FORMATS = (
     "a directory with tokenizer.json (Hugging Face tokenizers) or tokenizer.model (SentencePiece), "
     "a .gguf file, or a SentencePiece .model file"
@@ -186,13 +188,13 @@ class Tokenizer:
         if p.is_dir():
             return cls.from_dir(p)
         if not p.exists():
-            raise FileNotFoundError(f"tokenizer path {str(p)!r} does not exist; expected {SUPPORTED_FORMATS}")
+            raise MissingFileError(f"tokenizer path {str(p)!r} does not exist; expected {SUPPORTED_FORMATS}")
         suffix = p.suffix.lower()
         if suffix == ".gguf":
             return cls.from_gguf(p)
         if suffix == ".model":
             return cls.from_sentencepiece(p)
-        raise ValueError(f"cannot tell the tokenizer format of {str(p)!r}; supported: {SUPPORTED_FORMATS}")
+        raise FileFormatError(f"cannot tell the tokenizer format of {str(p)!r}; supported: {SUPPORTED_FORMATS}")
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -226,7 +228,7 @@ class Tokenizer:
         else:
             meta, source = _read_gguf_metadata(path_or_metadata), os.fspath(path_or_metadata)
         if "tokenizer.ggml.tokens" not in meta:
-            raise ValueError(f"{source}: GGUF metadata has no tokenizer (no 'tokenizer.ggml.tokens' key)")
+            raise FileFormatError(f"{source}: GGUF metadata has no tokenizer (no 'tokenizer.ggml.tokens' key)")
         model = meta.get("tokenizer.ggml.model")
         if model == "gpt2":
             style = _pre_tokenizer_style(meta.get("tokenizer.ggml.pre"), source)
@@ -236,7 +238,7 @@ class Tokenizer:
             hf_tokenizer = _gguf_sentencepiece_bpe(meta)
             default_bos, default_eos, default_add_bos = 1, 2, True  # llama.cpp's defaults for this model
         else:
-            raise ValueError(
+            raise FileFormatError(
                 f"{source}: GGUF tokenizer model {model!r} is not supported; supported: 'gpt2' "
                 "(byte-level BPE: GPT-2, SmolLM, Qwen2, Llama 3) and 'llama' (SentencePiece BPE: Llama 2)")
         _add_gguf_added_tokens(hf_tokenizer, meta)
@@ -267,7 +269,7 @@ class Tokenizer:
         if not (self.add_bos if add_bos is None else add_bos):
             return []
         if self.bos_id is None:
-            raise ValueError(f"add_bos=True but tokenizer {self.source!r} has no BOS token")
+            raise InvalidValueError(f"add_bos=True but tokenizer {self.source!r} has no BOS token")
         return [self.bos_id]
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
@@ -293,13 +295,13 @@ class Tokenizer:
         last token in the last column, which is what batched generation wants.
         """
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise InvalidValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         seqs = self.encode_many(texts, add_bos=add_bos)
         longest = max(map(len, seqs), default=0)
         width = longest if pad_to is None else pad_to
         for row, seq in enumerate(seqs):
             if len(seq) > width:
-                raise ValueError(
+                raise InvalidValueError(
                     f"text {row} encodes to {len(seq)} tokens, more than pad_to={pad_to}; raise pad_to to at "
                     f"least {longest} (the longest text), or shorten that text")
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int32)
@@ -358,7 +360,7 @@ class Tokenizer:
         """
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
-            raise ValueError(
+            raise InvalidValueError(
                 f"tokenizer {self.source!r} has no chat template; set `tokenizer.chat_template = '...'`, "
                 "pass chat_template='...' to apply_chat_template, or use "
                 "Tokenizer.from_sentencepiece(path, chat_template='...')")
@@ -421,7 +423,7 @@ def _post_processor_adds_bos(tokenizer: Any, bos_id: int | None) -> bool:
 def _dir_backend(root: Path) -> tuple[_Backend, Any]:
     """The directory's tokenizer.json (preferred) or tokenizer.model; the raw `tokenizers` one or None."""
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer directory {str(root)!r} does not exist; expected a directory with tokenizer.json")
     if (root / "tokenizer.json").is_file():
         import tokenizers
@@ -430,7 +432,7 @@ def _dir_backend(root: Path) -> tuple[_Backend, Any]:
         return _HFBackend(hf_tokenizer), hf_tokenizer
     if (root / "tokenizer.model").is_file():
         return _SentencePieceBackend(_load_sentencepiece(root / "tokenizer.model")), None
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no tokenizer.json or tokenizer.model in {str(root)!r}; a Hugging Face tokenizer directory "
         "needs one of them (tokenizer_config.json alone is not enough)")
 
@@ -450,11 +452,11 @@ def _load_sentencepiece(path: Path) -> Any:
     import sentencepiece
 
     if not path.is_file():
-        raise FileNotFoundError(f"SentencePiece model {str(path)!r} does not exist")
+        raise MissingFileError(f"SentencePiece model {str(path)!r} does not exist")
     try:
         return sentencepiece.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a readable SentencePiece model ({exc})") from exc
+        raise FileFormatError(f"{str(path)!r} is not a readable SentencePiece model ({exc})") from exc
 
 
 def _read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -515,7 +517,7 @@ def _gguf_byte_level_bpe(meta: Mapping[str, Any], style: _PreTokenizerStyle) -> 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if "tokenizer.ggml.merges" not in meta:
-        raise ValueError("GGUF byte-level BPE tokenizer has no 'tokenizer.ggml.merges'")
+        raise FileFormatError("GGUF byte-level BPE tokenizer has no 'tokenizer.ggml.merges'")
     vocab = {token: i for i, token in enumerate(meta["tokenizer.ggml.tokens"])}
     merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=style.ignore_merges))
@@ -571,7 +573,7 @@ def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float] | None,
     """SentencePiece BPE merges the adjacent pair whose union scores best, so rank every split of
     every normal token by that token's score (GGUF files of SentencePiece models list no merges)."""
     if scores is None:
-        raise ValueError("GGUF SentencePiece tokenizer has neither 'tokenizer.ggml.merges' nor scores")
+        raise FileFormatError("GGUF SentencePiece tokenizer has neither 'tokenizer.ggml.merges' nor scores")
     mergeable = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
                  if kind not in (_UNKNOWN, _CONTROL, _BYTE)}
     ranked = []

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError, MissingFileError, MpoError
 from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
 
 ELO_FILE = "elo.json"
@@ -32,9 +33,9 @@ def _mesh(text: str | None) -> tuple[int, ...] | None:
     try:
         shape = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--mesh {text!r} must be three integers such as 1,2,4 (data,fsdp,tensor)") from None
+        raise InvalidValueError(f"--mesh {text!r} must be three integers such as 1,2,4 (data,fsdp,tensor)") from None
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--mesh {text!r} must be three positive integers such as 1,2,4 (data,fsdp,tensor)")
+        raise InvalidValueError(f"--mesh {text!r} must be three positive integers such as 1,2,4 (data,fsdp,tensor)")
     return shape
 
 
@@ -49,10 +50,10 @@ def parse_generation_specs(specs: Sequence[str]) -> dict[str, Path]:
             while Path(name).suffix in _SUFFIXES:
                 name = name[: -len(Path(name).suffix)]
         if name in named:
-            raise ValueError(f"two generation files are both named {name!r}; name them with NAME=PATH")
+            raise InvalidValueError(f"two generation files are both named {name!r}; name them with NAME=PATH")
         named[name] = Path(path)
     if not named:
-        raise ValueError("give at least one generation file (NAME=PATH or PATH)")
+        raise InvalidValueError("give at least one generation file (NAME=PATH or PATH)")
     return named
 
 
@@ -78,8 +79,8 @@ def resolve_task(task: str | None, players: dict[str, list[dict[str, Any]]]) -> 
     named = {row.get("task") for rows in players.values() for row in rows}
     if len(named) == 1 and isinstance(next(iter(named)), str):
         return get_task(next(iter(named))).name
-    raise ValueError("cannot tell the task from the generation files (rows name "
-                     f"{sorted(map(str, named))}); pass --task")
+    raise InvalidValueError("cannot tell the task from the generation files (rows name "
+                            f"{sorted(map(str, named))}); pass --task")
 
 
 # -- generate -----------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.elo:
         path = Path(args.elo)
         if not path.is_file():
-            raise FileNotFoundError(f"no Elo file {path}; write one with `mpo-jax eval elo`")
+            raise MissingFileError(f"no Elo file {path}; write one with `mpo-jax eval elo`")
         elo = elo_cells_from_json(json.loads(path.read_text(encoding="utf-8")))
         missing = [name for name in cells if name not in elo]
         if missing:
@@ -153,7 +154,7 @@ def _run_elo(args: argparse.Namespace) -> int:
 
     players = load_players(args.generations)
     if len(players) < 2:
-        raise ValueError("an Elo tournament needs at least two generation files")
+        raise InvalidValueError("an Elo tournament needs at least two generation files")
     task = resolve_task(args.task, players)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +168,8 @@ def _run_elo(args: argparse.Namespace) -> int:
     matches = [m for m in (j.to_match() for j in judgments) if m is not None]
     invalid = len(judgments) - len(matches)
     if not matches:
-        raise ValueError(f"the judge gave no usable verdict in {len(judgments)} comparisons; check the judge model")
+        raise InvalidValueError(f"the judge gave no usable verdict in {len(judgments)} comparisons; "
+                                "check the judge model")
     summary = elo_ratings(matches, runs=args.runs, seed=args.seed, k=args.k, start=args.start,
                           players=list(players))
     record = {**summary.to_json(), "task": task, "judge": args.judge, "judge_mode": judge.mode,
@@ -369,12 +371,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run the chosen `eval` subcommand; errors are printed as `error: ...` with exit status 2."""
-    from mpo_jax.engine.remote import RemoteBackendError
-
+    """Run the chosen `eval` subcommand; a refused input (`MpoError`) is printed as `error: ...` with exit
+    status 2, anything else keeps its traceback."""
     try:
         return args.eval_func(args)
-    except (FileNotFoundError, ValueError, ImportError, RemoteBackendError) as err:
+    except MpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

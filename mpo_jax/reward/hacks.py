@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.tasks.base import word_count
 
 __all__ = [
@@ -263,7 +264,7 @@ HackFn = Callable[[str, str, "str | None", np.random.Generator], str]
 
 def _needs_other(prompt: str, response: str, other: str | None, rng: np.random.Generator) -> str:
     if other is None:
-        raise ValueError("the off_topic hack needs other_response (a good response to a different prompt)")
+        raise InvalidValueError("the off_topic hack needs other_response (a good response to a different prompt)")
     return hack_off_topic(prompt, response, other)
 
 
@@ -296,7 +297,7 @@ def make_hack(kind: str, prompt: str, response: str, *, other_response: str | No
               rng: np.random.Generator | None = None) -> str:
     """The `kind` hack of `response` to `prompt`; `other_response` is needed by 'off_topic' only."""
     if kind not in HACK_KINDS:
-        raise ValueError(f"unknown hack kind {kind!r}; known: {', '.join(HACK_KINDS)}")
+        raise InvalidValueError(f"unknown hack kind {kind!r}; known: {', '.join(HACK_KINDS)}")
     return HACK_KINDS[kind](prompt, response, other_response, _rng(rng))
 
 
@@ -492,7 +493,7 @@ def run_detectors(prompt: str, response: str, source: str | None = None, *,
     options = options or {}
     unknown = set(options) - set(DETECTORS)
     if unknown:
-        raise ValueError(f"options for unknown detectors {sorted(unknown)}; known: {', '.join(DETECTORS)}")
+        raise InvalidValueError(f"options for unknown detectors {sorted(unknown)}; known: {', '.join(DETECTORS)}")
     return {name: fn(prompt, response, source, **options.get(name, {})) for name, fn in DETECTORS.items()}
 
 

@@ -34,6 +34,7 @@ from mpo_jax.engine import chat_session
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.engine.language_model import Conversation, LanguageModel
 from mpo_jax.engine.sampling import GenerationState, bucket
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.reward import judge_engine
 from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricError, rubric_scales
@@ -87,12 +88,12 @@ class Judge:
                  item_reminder_words: int | None = 12, item_turn_tokens: int = 64,
                  length_buckets: Sequence[int] = LENGTH_BUCKETS):
         if mode not in MODES:
-            raise ValueError(f"judge mode must be one of {MODES}, got {mode!r}")
+            raise InvalidValueError(f"judge mode must be one of {MODES}, got {mode!r}")
         if aggregate not in AGGREGATES:
-            raise ValueError(f"judge aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+            raise InvalidValueError(f"judge aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         self.local = isinstance(model, LanguageModel)
         if not self.local and mode != "generate":
-            raise ValueError("a remote judge has no logits: use mode='generate' with a RemoteChatModel")
+            raise InvalidValueError("a remote judge has no logits: use mode='generate' with a RemoteChatModel")
         self.model, self.mode, self.aggregate = model, mode, aggregate
         self.task = get_task(task) if isinstance(task, str) else task
         self.max_rubric_tokens = max_rubric_tokens
@@ -107,8 +108,8 @@ class Judge:
             limits.require_scale or mode == "logits" or aggregate == "mean_normalized")
         self.max_items = bucket(max_items, ITEM_BUCKETS, "max_items")
         if item_reminder_words is not None and item_reminder_words < 0:
-            raise ValueError("item_reminder_words must be >= 0 (words of the item repeated in its turn) or None "
-                             "(the whole item)")
+            raise InvalidValueError("item_reminder_words must be >= 0 (words of the item repeated in its turn) or None "
+                                    "(the whole item)")
         # The item's text is in the rubric prefix already; its logits-mode turn names it by number
         # plus its first words, so per-row item turns stay short (they are prefilled for every row).
         self.item_reminder_words = item_reminder_words
@@ -385,8 +386,8 @@ class Judge:
 
 def _check_prefix(prefix: str, full: str) -> None:
     if not full.startswith(prefix):
-        raise ValueError("the chat template does not extend the judge prefix turn by turn; "
-                         "this judge needs a template where earlier turns render identically")
+        raise InvalidValueError("the chat template does not extend the judge prefix turn by turn; "
+                                "this judge needs a template where earlier turns render identically")
 
 
 def _left_pad(rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

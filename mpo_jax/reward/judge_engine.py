@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.kv_cache import ContextKV, KVCache
 
 
@@ -52,14 +53,14 @@ def candidate_tables(ranges: Sequence[tuple[int, int]], encode_number, num_items
     for item, (lo, hi) in enumerate(ranges):
         numbers = list(range(lo, hi + 1))
         if len(numbers) > c:
-            raise ValueError(f"item {item + 1}: score range {lo}-{hi} has more than {c} values")
+            raise InvalidValueError(f"item {item + 1}: score range {lo}-{hi} has more than {c} values")
         tokens = [encode_number(n) for n in numbers]
         if any(len(t) > 2 for t in tokens):
-            raise ValueError(f"item {item + 1}: scores up to {hi} need more than two tokens; "
-                             "use a range below 100 or the generate mode")
+            raise InvalidValueError(f"item {item + 1}: scores up to {hi} need more than two tokens; "
+                                    "use a range below 100 or the generate mode")
         starts = sorted({t[0] for t in tokens if len(t) == 2})
         if len(starts) > d:
-            raise ValueError(f"item {item + 1}: too many distinct first tokens of two-token scores")
+            raise InvalidValueError(f"item {item + 1}: too many distinct first tokens of two-token scores")
         prefixes[item, :len(starts)] = starts
         for j, (n, t) in enumerate(zip(numbers, tokens, strict=True)):
             first[item, j], value[item, j], valid[item, j] = t[0], n, True

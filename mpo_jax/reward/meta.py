@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mpo_jax.engine import chat_session
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.reward.sense_check import SenseIssue, check_criteria, clean_markup
 from mpo_jax.rubric import Rubric, RubricError, ScaleError, diff
 from mpo_jax.tasks import Task, get_task
@@ -172,17 +173,17 @@ class MetaRewardModel:
                  merged_rubric_words: int = 0, guideline_tokens: int = 2500, temperature: float = 0.0,
                  sense_check: bool = True, max_copied_fraction: float = 0.5, copy_ngram: int = 4):
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise InvalidValueError(f"num_samples must be >= 1, got {num_samples}")
         for name, value in (("max_items", max_items), ("merged_rubric_words", merged_rubric_words)):
             if value < 0:
-                raise ValueError(f"{name} must be >= 0 (0: no cap), got {value}")
+                raise InvalidValueError(f"{name} must be >= 0 (0: no cap), got {value}")
         for name, value in (("analysis_tokens", analysis_tokens), ("item_tokens", item_tokens),
                             ("guideline_tokens", guideline_tokens), ("item_words", item_words),
                             ("merge_words", merge_words), ("copy_ngram", copy_ngram)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise InvalidValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < max_copied_fraction <= 1.0:
-            raise ValueError(f"max_copied_fraction must be in (0, 1], got {max_copied_fraction}")
+            raise InvalidValueError(f"max_copied_fraction must be in (0, 1], got {max_copied_fraction}")
         self.model = model
         self.task = get_task(task) if isinstance(task, str) else task
         self.num_samples, self.prescreen = num_samples, prescreen

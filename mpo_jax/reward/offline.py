@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.errors import FileFormatError, MissingFileError
 from mpo_jax.fileio import read_jsonl_objects
 from mpo_jax.reward.judge import Judge
 from mpo_jax.reward.meta import MetaRewardModel, MetaSample
@@ -22,18 +23,18 @@ def read_rows(path: str | Path, *, need_score: bool = False) -> list[dict[str, A
     """JSONL rows with `response` and `record` or `prompt` (and `score` when asked)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no input file {path}")
+        raise MissingFileError(f"no input file {path}")
     rows = []
     for number, row in read_jsonl_objects(path):
         if not isinstance(row.get("response"), str):
-            raise ValueError(f"{path}:{number}: each line must be an object with a string \"response\"")
+            raise FileFormatError(f"{path}:{number}: each line must be an object with a string \"response\"")
         if not isinstance(row.get("record"), dict) and not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: give the task \"record\" (object) or the \"prompt\" (string)")
+            raise FileFormatError(f"{path}:{number}: give the task \"record\" (object) or the \"prompt\" (string)")
         if need_score and not isinstance(row.get("score"), (int, float)):
-            raise ValueError(f"{path}:{number}: a meta-step buffer row needs the judge's numeric \"score\"")
+            raise FileFormatError(f"{path}:{number}: a meta-step buffer row needs the judge's numeric \"score\"")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no rows")
+        raise FileFormatError(f"{path} holds no rows")
     return rows
 
 

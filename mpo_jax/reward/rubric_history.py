@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.errors import MissingFileError
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricError, RubricLimits, validate
 
@@ -204,8 +205,8 @@ class RubricHistory:
         src = Path(directory)
         path = src / HISTORY_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no rubric history at {path} (expected {HISTORY_FILE} written by "
-                                    f"RubricHistory.save)")
+            raise MissingFileError(f"no rubric history at {path} (expected {HISTORY_FILE} written by "
+                                   f"RubricHistory.save)")
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
             if payload.get("format") != HISTORY_FORMAT:
@@ -231,7 +232,7 @@ def _load_version(src: Path, event: HistoryEvent, limits: RubricLimits) -> Rubri
         raise RubricError(f"accepted history event #{event.attempt} has no iteration")
     file = src / (event.file or rubric_file_name(event.iteration))
     if not file.is_file():
-        raise FileNotFoundError(f"rubric history names {file.name}, which is missing from {src}")
+        raise MissingFileError(f"rubric history names {file.name}, which is missing from {src}")
     try:
         return Rubric.parse(file.read_text(encoding="utf-8"), limits=limits, iteration=event.iteration,
                             parent=event.parent, created_step=event.created_step, task=event.task)

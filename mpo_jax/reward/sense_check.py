@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import _TAG_RE, ScaleError, item_scale
 
 __all__ = [
@@ -152,7 +153,7 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
       description, prompts and responses the MRM was shown), less the n-grams of `exclude`.
     """
     if not 0.0 < max_copied_fraction <= 1.0:
-        raise ValueError(f"max_copied_fraction must be in (0, 1], got {max_copied_fraction}")
+        raise InvalidValueError(f"max_copied_fraction must be in (0, 1], got {max_copied_fraction}")
     shown = source_ngrams(sources, exclude=exclude, n=n)
     issues: list[SenseIssue] = []
     for index, item in enumerate(items, start=1):

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError, MissingDependencyError
 from mpo_jax.tasks.ethics import extract_verdict
 from mpo_jax.tasks.math_answer import first_boxed_content, is_equiv
 from mpo_jax.tasks.math_reasoning import gold_answer
@@ -65,8 +66,8 @@ def _rouge_scorer() -> Any:
     try:
         from rouge_score import rouge_scorer
     except ImportError as err:
-        raise ImportError(f"ROUGE needs the rouge-score package ({err}); install it with "
-                          "`pip install 'rouge-score>=0.1.2'`") from err
+        raise MissingDependencyError(f"ROUGE needs the rouge-score package ({err}); install it with "
+                                     "`pip install 'rouge-score>=0.1.2'`") from err
     # Sentences for rougeLsum are the lines of each text (the package default, as in the paper).
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
@@ -90,7 +91,7 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> Rouge
     """Mean ROUGE-1/2/L/Lsum F1 x 100 with Porter stemming (reference §G.3)."""
     pairs = rouge_per_pair(predictions, references)
     if not pairs:
-        raise ValueError("ROUGE needs at least one (prediction, reference) pair")
+        raise InvalidValueError("ROUGE needs at least one (prediction, reference) pair")
     return RougeResult(f1={name: 100.0 * float(np.mean([p[name].f1 for p in pairs])) for name in ROUGE_TYPES},
                        count=len(pairs))
 
@@ -112,7 +113,7 @@ def verdict_accuracy(responses: Sequence[str], gold_labels: Sequence[str]) -> Ac
     correct = unanswered = 0
     for index, (response, gold) in enumerate(zip(responses, gold_labels)):
         if gold not in VERDICTS:
-            raise ValueError(f"gold label #{index} is {gold!r}; expected RIGHT or WRONG")
+            raise InvalidValueError(f"gold label #{index} is {gold!r}; expected RIGHT or WRONG")
         predicted = predict_verdict(response)
         unanswered += predicted is None
         correct += predicted == gold
@@ -137,7 +138,7 @@ def math_accuracy(responses: Sequence[str], gold_answers: Sequence[str]) -> Accu
     correct = unanswered = 0
     for index, (response, gold) in enumerate(zip(responses, gold_answers)):
         if not isinstance(gold, str):
-            raise ValueError(f"gold answer #{index} must be a string, got {type(gold).__name__}")
+            raise InvalidValueError(f"gold answer #{index} must be a string, got {type(gold).__name__}")
         unanswered += math_prediction(response) is None
         correct += math_correct(response, gold)
     return AccuracyResult(correct=correct, total=len(responses), unanswered=unanswered)
@@ -149,20 +150,21 @@ def _reference_summary(record: Mapping[str, Any], where: str) -> str:
     for key in ("clean_summary", "summary"):
         if isinstance(record.get(key), str):
             return record[key]
-    raise ValueError(f"{where}: the summarization record has no reference summary ('clean_summary' or 'summary')")
+    raise InvalidValueError(f"{where}: the summarization record has no reference summary ('clean_summary' or "
+                            "'summary')")
 
 
 def _gold_verdict(record: Mapping[str, Any], where: str) -> str:
     label = record.get("binarized_label")
     if label not in VERDICTS:
-        raise ValueError(f"{where}: the ethics record needs 'binarized_label' RIGHT or WRONG, got {label!r}")
+        raise InvalidValueError(f"{where}: the ethics record needs 'binarized_label' RIGHT or WRONG, got {label!r}")
     return label
 
 
 def _gold_math(record: Mapping[str, Any], where: str) -> str:
     gold = gold_answer(record)
     if gold is None:
-        raise ValueError(f"{where}: the math record has no gold answer (no boxed 'solution' and no 'answer')")
+        raise InvalidValueError(f"{where}: the math record has no gold answer (no boxed 'solution' and no 'answer')")
     return gold
 
 
@@ -176,11 +178,11 @@ def score_generations(task: str, rows: Sequence[Mapping[str, Any]]) -> dict[str,
 
     name = get_task(task).name
     if not rows:
-        raise ValueError("no generation rows to score")
+        raise InvalidValueError("no generation rows to score")
     responses, records = [], []
     for index, row in enumerate(rows):
         if not isinstance(row.get("response"), str) or not isinstance(row.get("record"), Mapping):
-            raise ValueError(f"row #{index} needs a string 'response' and the task 'record' (object)")
+            raise InvalidValueError(f"row #{index} needs a string 'response' and the task 'record' (object)")
         responses.append(row["response"])
         records.append(row["record"])
     where = [f"row #{i}" for i in range(len(rows))]
@@ -193,8 +195,8 @@ def score_generations(task: str, rows: Sequence[Mapping[str, Any]]) -> dict[str,
     if name == "math":
         gold = [_gold_math(r, w) for r, w in zip(records, where)]
         return {"count": len(rows), **math_accuracy(responses, gold).to_json()}
-    raise ValueError(f"the {name} task has no reference answers to score against; compare its models with "
-                     "`mpo-jax eval elo` instead")
+    raise InvalidValueError(f"the {name} task has no reference answers to score against; compare its models with "
+                            "`mpo-jax eval elo` instead")
 
 
 __all__ = ["PRF", "ROUGE_TYPES", "VERDICTS", "AccuracyResult", "RougeResult", "math_accuracy", "math_correct",

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mpo_jax.errors import InvalidValueError, MissingFileError, MpoError
 from mpo_jax.rl.train_state import TrainState
 
 STATE_ITEM = "state"
@@ -39,7 +40,7 @@ HOST_ITEM = "host"
 _MAX_LISTED = 12  # mismatching paths shown in an error before "... and N more"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(MpoError, ValueError):
     """The checkpoint's arrays do not fit the template state (different model or config)."""
 
 
@@ -148,9 +149,10 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = False):
         if not isinstance(save_every, int) or save_every < 1:
-            raise ValueError(f"save_every must be a positive integer (updates between checkpoints), got {save_every!r}")
+            raise InvalidValueError(f"save_every must be a positive integer (updates between checkpoints), "
+                                    f"got {save_every!r}")
         if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive integer (checkpoints kept on disk), got {keep!r}")
+            raise InvalidValueError(f"keep must be a positive integer (checkpoints kept on disk), got {keep!r}")
         self.directory = _as_path(directory)
         self.save_every = save_every
         self.keep = keep
@@ -170,7 +172,7 @@ class Checkpointer:
         `host_state` must be JSON data with string keys; tuples come back as lists.
         """
         if not isinstance(update, (int, np.integer)) or update < 0:
-            raise ValueError(f"update must be a non-negative integer, got {update!r}")
+            raise InvalidValueError(f"update must be a non-negative integer, got {update!r}")
         update = int(update)
         if not self.should_save(update, force=force):
             return False
@@ -181,9 +183,9 @@ class Checkpointer:
         if update in steps:
             return False
         if steps and update < max(steps):
-            raise ValueError(f"update {update} is older than the latest checkpoint (update {max(steps)}) in "
-                             f"{self.directory}; restore the latest checkpoint before training on, or write to a "
-                             "new directory")
+            raise InvalidValueError(f"update {update} is older than the latest checkpoint (update {max(steps)}) in "
+                                    f"{self.directory}; restore the latest checkpoint before training on, or write "
+                                    "to a new directory")
         names, leaves, _ = _named_leaves(_saved_tree(state))
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(_nest(names, leaves)),
                                      HOST_ITEM: ocp.args.JsonSave(dict(host_state))})
@@ -235,13 +237,13 @@ class Checkpointer:
     def _resolve_update(self, update: int | None) -> int:
         available = self.all_updates()
         if not available:
-            raise FileNotFoundError(f"no finished checkpoint in {self.directory}; start the run from scratch, or "
-                                    "point the checkpoint directory at the run to resume")
+            raise MissingFileError(f"no finished checkpoint in {self.directory}; start the run from scratch, or "
+                                   "point the checkpoint directory at the run to resume")
         if update is None:
             return available[-1]
         if update not in available:
-            raise FileNotFoundError(f"no checkpoint for update {update} in {self.directory}; "
-                                    f"available updates: {available}")
+            raise MissingFileError(f"no checkpoint for update {update} in {self.directory}; "
+                                   f"available updates: {available}")
         return update
 
     def _check_matches(self, update: int, names: list[tuple[str, ...]], targets: list[jax.ShapeDtypeStruct]) -> None:

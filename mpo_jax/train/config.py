@@ -22,13 +22,14 @@ from typing import Any
 
 import ml_collections
 
+from mpo_jax.errors import MpoError
 from mpo_jax.rl.config import GRPOConfig, PPOConfig
 
 # Tokens of the judge's rubric prefix beyond the criteria themselves: persona, chat markup, tags.
 RUBRIC_HEADROOM_TOKENS = 512
 
 
-class ConfigError(ValueError):
+class ConfigError(MpoError, ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 

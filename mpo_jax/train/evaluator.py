@@ -26,6 +26,7 @@ import numpy as np
 
 from mpo_jax.engine.language_model import LanguageModel
 from mpo_jax.engine.sampling import SamplingParams
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.reward import hacks
 
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
@@ -61,7 +62,7 @@ class TrainingEvaluator:
                  judge: Any, independent_judge: Any | None, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0, seed: int = 0):
         if not records:
-            raise ValueError("in-training evaluation needs at least one held-out record (eval.num_prompts >= 1)")
+            raise InvalidValueError("in-training evaluation needs at least one held-out record (eval.num_prompts >= 1)")
         self.policy, self.task = policy, task
         self.records = [dict(r) for r in records]
         self.prompt_ids = [policy.encode_prompt(task.policy_prompt(r)) for r in self.records]

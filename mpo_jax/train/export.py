@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from mpo_jax.errors import MpoError
+
 FORMATS = ("hf",)
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 PROVENANCE_FILE = "mpo_export.json"
@@ -39,7 +41,7 @@ _STALE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", TOKENIZER_CONFIG,
                           "added_tokens.json", "chat_template.jinja", "chat_template.json", GENERATION_CONFIG)
 
 
-class ExportError(ValueError):
+class ExportError(MpoError, ValueError):
     """The run, checkpoint, format or output folder cannot be exported; the message says how to fix it."""
 
 
@@ -336,12 +338,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Run the export for parsed arguments; prints what was written, or `error: ...` with status 2."""
+    """Run the export for parsed arguments; prints what was written, or a refused input (`MpoError`) as
+    `error: ...` with status 2."""
     shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2**20)
     try:
         result = export_policy(args.checkpoint, args.out_dir, format=args.format, update=args.update,
                                dtype=args.dtype, max_shard_bytes=shard)
-    except (FileNotFoundError, ValueError) as err:
+    except MpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     lora = f"LoRA merged into {', '.join(result.lora_merged)}" if result.lora_merged else "full fine-tuned weights"

@@ -37,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingDependencyError, MissingFileError
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.rubric import Rubric
 
@@ -162,7 +163,7 @@ def _parse_lines(path: Path, text: str) -> list[dict[str, Any]]:
             if is_last and not complete:
                 _LOG.warning("%s: dropping the torn last line %d (%s)", path, number, err)
                 continue
-            raise ValueError(f"{path}:{number} is not a metrics record ({err}); fix or delete that line") from err
+            raise FileFormatError(f"{path}:{number} is not a metrics record ({err}); fix or delete that line") from err
         records.append({key: decode_value(value) for key, value in record.items()})
     return records
 
@@ -175,8 +176,8 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     path = _metrics_path(run_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}; pass a run dir written by the trainer "
-                                f"(it holds {METRICS_FILE})")
+        raise MissingFileError(f"no metrics file at {path}; pass a run dir written by the trainer "
+                               f"(it holds {METRICS_FILE})")
     by_update: dict[int, dict[str, Any]] = {}
     for record in _parse_lines(path, path.read_text(encoding="utf-8")):
         by_update[record["update"]] = record
@@ -207,7 +208,7 @@ def _dumps(record: Mapping[str, Any]) -> str:
 
 def _check_update(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+        raise InvalidValueError(f"{what} must be an int >= 0, got {value!r}")
     return int(value)
 
 
@@ -358,8 +359,8 @@ def _open_tensorboard(logdir: Path, resume_from_update: int | None) -> _TensorBo
         from tensorboardX.proto.summary_pb2 import Summary
         from tensorboardX.summary import text
     except ImportError as err:
-        raise ImportError(f"TensorBoard logging needs the tensorboardX package ({err}); install it with "
-                          f"`pip install 'tensorboardX>=2.6'` or pass tensorboard=False") from err
+        raise MissingDependencyError(f"TensorBoard logging needs the tensorboardX package ({err}); install it with "
+                                     f"`pip install 'tensorboardX>=2.6'` or pass tensorboard=False") from err
     logdir.mkdir(parents=True, exist_ok=True)
     # Event file names carry a one-second timestamp; the suffix keeps two writers in the same
     # second (a quick restart) from overwriting each other's file.

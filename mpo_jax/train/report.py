@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError, MissingDependencyError, MpoError
 from mpo_jax.reward.rubric_history import HISTORY_FILE, HistoryEvent, RubricHistory
 from mpo_jax.rubric import Rubric, RubricError, diff
 from mpo_jax.train.metrics import METRICS_FILE, markdown_fence, read_metrics
@@ -54,7 +55,7 @@ _RUBRIC_FILE_RE = re.compile(r"^rubric_iter_(\d+)\.txt$")
 _MD_PUNCTUATION = re.compile(r"([!#$&)*+\-.:<=>@\[\\\]^_`{|}~])")
 
 
-class ReportError(ValueError):
+class ReportError(MpoError, ValueError):
     """The folder is not a run dir, or the report cannot be written there."""
 
 
@@ -315,8 +316,8 @@ def write_plots(run: RunData, out_dir: str | os.PathLike[str],
     try:
         import matplotlib  # noqa: F401 - checked here so the error names the missing package
     except ImportError as err:
-        raise ImportError(f"the report's plots need matplotlib ({err}); install it with "
-                          f"`pip install 'matplotlib>=3.8'`") from err
+        raise MissingDependencyError(f"the report's plots need matplotlib ({err}); install it with "
+                                     f"`pip install 'matplotlib>=3.8'`") from err
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markers = meta_markers(run) if markers is None else markers
@@ -675,7 +676,7 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     """Write plots, `report.md` and `report.html` to `out_dir` (default RUN_DIR/report); returns that folder."""
     for name, value in (("rollouts_per_version", rollouts_per_version), ("text_limit", text_limit)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InvalidValueError(f"{name} must be a positive int, got {value!r}")
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.run_dir / REPORT_DIR
     try:
@@ -701,10 +702,11 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Write the report for parsed arguments; prints where it went, or the error (exit status 2)."""
+    """Write the report for parsed arguments; prints where it went, or a refused input (`MpoError`) as
+    `error: ...` (exit status 2)."""
     try:
         out = write_report(args.run_dir, args.out, rollouts_per_version=args.rollouts_per_version)
-    except (FileNotFoundError, ImportError, ValueError) as err:
+    except MpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report written to {out}: {out / 'report.html'}, {out / 'report.md'}")
