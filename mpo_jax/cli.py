@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mpo_jax.errors import MissingFileError, MpoError
+from mpo_jax.errors import InvalidValueError, MissingFileError, MpoError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -19,7 +19,12 @@ def _generate(args: argparse.Namespace) -> int:
     from mpo_jax.engine.sampling import SamplingParams
     from mpo_jax.engine.sharding import make_mesh
 
-    mesh = make_mesh(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
+    try:
+        mesh = make_mesh(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
+    except ValueError as err:
+        if isinstance(err, MpoError):
+            raise
+        raise InvalidValueError(f"--mesh {args.mesh!r} must be integers such as 1,2,4 (data,fsdp,tensor)") from None
     start = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     loaded = time.perf_counter()

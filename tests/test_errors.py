@@ -67,6 +67,14 @@ def test_a_missing_input_file_is_a_clean_error(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: no input file {tmp_path / 'none.jsonl'}\n"
 
 
+def test_a_bad_mesh_option_is_a_clean_error(capsys):
+    # The mesh is read before any model loads.
+    assert main(["generate", "--model", "no-such-model", "--prompt", "hi", "--mesh", "1,two,4"]) == 2
+    assert capsys.readouterr().err == "error: --mesh '1,two,4' must be integers such as 1,2,4 (data,fsdp,tensor)\n"
+    assert main(["generate", "--model", "no-such-model", "--prompt", "hi", "--mesh", "1,2"]) == 2
+    assert capsys.readouterr().err.startswith("error: mesh shape (1, 2) must have 3 entries")
+
+
 def _bug(*args, **kwargs):
     raise ValueError("bug")
 

@@ -396,7 +396,12 @@ def _id_list(ids: Iterable[int] | np.ndarray) -> list[int]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{str(path)!r} is not valid JSON ({err}); re-download or re-export it") from None
 
 
 def _token_text(value: Any) -> str | None:

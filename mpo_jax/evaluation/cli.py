@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mpo_jax.errors import InvalidValueError, MissingFileError, MpoError
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
 from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
 
 ELO_FILE = "elo.json"
@@ -111,7 +111,11 @@ def _run_score(args: argparse.Namespace) -> int:
         path = Path(args.elo)
         if not path.is_file():
             raise MissingFileError(f"no Elo file {path}; write one with `mpo-jax eval elo`")
-        elo = elo_cells_from_json(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise FileFormatError(f"{path} is not valid JSON ({err}); write it with `mpo-jax eval elo`") from None
+        elo = elo_cells_from_json(data)
         missing = [name for name in cells if name not in elo]
         if missing:
             print(f"note: {path} has no rating for {', '.join(missing)} (rated: {', '.join(elo)}); name the "

@@ -126,7 +126,11 @@ def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise MissingFileError(f"no config.json in {run_dir}; pass a run directory written by `mpo-jax train`")
-    config = to_train_config(json.loads(config_path.read_text(encoding="utf-8")))
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{config_path} is not valid JSON ({err}); it is written by `mpo-jax train`") from None
+    config = to_train_config(data)
     if not config.checkpoint.directory and not (run_dir / "checkpoints").is_dir():
         raise MissingFileError(f"run directory {run_dir} has no checkpoints/ folder")
     policy, _, state = build_policy_and_state(config, device_mesh(config.mesh if mesh is None else mesh))
