@@ -21,7 +21,8 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # MPO on the CPU: SmolLM2-135M-Instruct as policy, judge and meta model, essay task, 6 updates with a
-# meta step every 2 (about 5 minutes on 2 cores). Prints where the run directory and report are.
+# meta step every 2 (about 10-15 minutes on 2 cores, most of it compiling). Prints where the run
+# directory and report are.
 demo: install
 	$(VENV)/bin/mpo-jax train --config configs/demo_cpu.py $(ARGS)
 
@@ -47,8 +48,10 @@ test-parity: install
 	$(PIP) install -q -e ".[parity]"
 	$(PY) -m pytest -q -m parity
 
+# ruff, then the package's layer contracts (import-linter, pyproject.toml; see docs/architecture.md).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) tests/test_layers.py
 
 bench: install
 	$(PY) bench/bench_generate.py

@@ -25,7 +25,8 @@ CORE = [
     "tqdm>=4.66",
     "rouge-score>=0.1.2",
 ]
-TEST = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "protobuf>=4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+TEST = ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "import-linter>=2.1", "protobuf>=4", "nbclient>=0.10",
+        "nbformat>=5.10", "ipykernel>=6.29"]
 # The parity extra compares against transformers' PyTorch models (transformers needs accelerate to
 # read GGUF files); torch 2.13.0 is the CPU
 # wheel available on the project's machines.

@@ -63,10 +63,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
 
-from mpo_jax import constraints as constraints_lib  # noqa: E402
-from mpo_jax import presets  # noqa: E402
-from mpo_jax.language_model import LanguageModel, load_model  # noqa: E402
-from mpo_jax.sampling import SamplingParams, bucket  # noqa: E402
+from mpo_jax.engine import constraints as constraints_lib  # noqa: E402
+from mpo_jax.engine import presets  # noqa: E402
+from mpo_jax.engine.language_model import LanguageModel, load_model  # noqa: E402
+from mpo_jax.engine.sampling import SamplingParams, bucket  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 

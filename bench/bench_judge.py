@@ -1,4 +1,4 @@
-"""Judge throughput on SmolLM2-135M-Instruct (float32): samples/s of `mpo_jax.judge.Judge` in its
+"""Judge throughput on SmolLM2-135M-Instruct (float32): samples/s of `mpo_jax.reward.judge.Judge` in its
 three configurations, on one batch of real essay prompts with essays, on the same machine, in the
 same run.
 
@@ -65,8 +65,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
 
-from mpo_jax.judge import Judge  # noqa: E402
-from mpo_jax.language_model import LanguageModel, load_model  # noqa: E402
+from mpo_jax.engine.language_model import LanguageModel, load_model  # noqa: E402
+from mpo_jax.reward.judge import Judge  # noqa: E402
 from mpo_jax.rubric import Rubric  # noqa: E402
 from mpo_jax.tasks import load_records  # noqa: E402
 

@@ -174,7 +174,7 @@ def run_jax(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from mpo_jax.language_model import load_model
+    from mpo_jax.engine.language_model import load_model
     from mpo_jax.rl.batch import RolloutBatch
     from mpo_jax.rl.compiled import compile_update, place_batch
     from mpo_jax.rl.config import PPOConfig
@@ -330,7 +330,7 @@ def run_torch(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    from mpo_jax import presets
+    from mpo_jax.engine import presets
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)

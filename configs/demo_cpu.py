@@ -4,11 +4,11 @@
 
 Sized for a 2-core CPU (about 10-15 minutes, most of it compiling): 6 updates of 4 prompts, a meta step
 every 2 updates. A 135M judge barely discriminates between essays, so the scores and the rubrics
-it writes show the machinery, not MPO's effect; the paper's setups (configs/paper_*.py) use
+it writes show the machinery, not MPO's effect; the paper's setups (configs/paper.py) use
 judges of 7B and more.
 """
 
-from mpo_jax.config import default_config
+from mpo_jax.train.config import default_config
 
 
 def get_config():

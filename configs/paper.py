@@ -33,7 +33,7 @@ them at a mounted bucket. Meshes (data, fsdp, tensor), by slice, untested on har
 These configs are untested at full scale: this repository's CI runs on a 2-core CPU.
 """
 
-from mpo_jax.config import default_config
+from mpo_jax.train.config import default_config
 
 TASKS = {  # task -> (meta interval, updates, response tokens, max prompt tokens)
     "essay": (10, 407, 400, 256),

@@ -6,7 +6,7 @@ The scores mean nothing (random judge); this checks the machinery end to end and
 of the trainer tests.
 """
 
-from mpo_jax.config import default_config
+from mpo_jax.train.config import default_config
 
 
 def get_config():

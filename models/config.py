@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError
+
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("full", "dots")
 # Adapter targets: the per-layer projections, and the output projection `lm_head` (for a tied
@@ -72,24 +74,26 @@ class ModelConfig:
                      "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+                raise InvalidValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise InvalidValueError(
                 f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+                raise InvalidValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+            raise InvalidValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, "
+                                    f"got {self.remat_policy!r}")
         if self.architecture not in ("llama", "qwen2"):
-            raise ValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
+            raise InvalidValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
         if self.lora_rank < 0:
-            raise ValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
+            raise InvalidValueError(f"ModelConfig.lora_rank must be >= 0, got {self.lora_rank}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if unknown:
-            raise ValueError(f"ModelConfig.lora_targets has unknown modules {unknown}; choose from {LORA_TARGETS}")
+            raise InvalidValueError(f"ModelConfig.lora_targets has unknown modules {unknown}; "
+                                    f"choose from {LORA_TARGETS}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
@@ -107,7 +111,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys are {sorted(known)}")
+            raise InvalidValueError(f"unknown ModelConfig keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
 

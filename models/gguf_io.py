@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mpo_jax.errors import FileFormatError
 from mpo_jax.models.config import ModelConfig, RopeScaling, canonical_param_shapes
 from mpo_jax.models.gguf_metadata import open_gguf, read_gguf_metadata
 from mpo_jax.models.hf_checkpoint import hf_tensors, resolve_param_dtype
@@ -62,8 +63,8 @@ def load_gguf(path: str | os.PathLike, *,
         used.add(name)
     unused = sorted(set(tensors) - used)
     if unused:
-        raise ValueError(f"{os.fspath(path)!r} has tensors this loader does not support: {unused[:8]}; "
-                         "loading without them would silently change the model")
+        raise FileFormatError(f"{os.fspath(path)!r} has tensors this loader does not support: {unused[:8]}; "
+                              "loading without them would silently change the model")
     return config, params
 
 
@@ -81,12 +82,12 @@ def _gguf_name(key: str, layer: int | None) -> str:
 def _tensor(tensors: dict[str, Any], name: str, shape: tuple[int, ...], path: str | os.PathLike) -> Any:
     """The reader tensor `name`, checked against the (out, in) shape the config implies."""
     if name not in tensors:
-        raise ValueError(f"tensor {name!r} is missing from {os.fspath(path)!r}; the file is incomplete "
-                         "or its metadata does not match its weights")
+        raise FileFormatError(f"tensor {name!r} is missing from {os.fspath(path)!r}; the file is incomplete "
+                              "or its metadata does not match its weights")
     found = tuple(int(n) for n in reversed(tensors[name].shape))
     if found != shape:
-        raise ValueError(f"tensor {name!r} in {os.fspath(path)!r} has shape {found}, expected {shape}: "
-                         "the GGUF metadata and the weights disagree")
+        raise FileFormatError(f"tensor {name!r} in {os.fspath(path)!r} has shape {found}, expected {shape}: "
+                              "the GGUF metadata and the weights disagree")
     return tensors[name]
 
 
@@ -111,17 +112,17 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any], *,
     """Map GGUF metadata (and which tensors exist) to a `ModelConfig`."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported architectures are "
-                         f"{SUPPORTED_ARCHITECTURES}")
+        raise FileFormatError(f"unsupported GGUF architecture {arch!r}; supported architectures are "
+                              f"{SUPPORTED_ARCHITECTURES}")
 
     def required(key: str) -> Any:
         if f"{arch}.{key}" not in meta:
-            raise ValueError(f"GGUF metadata key {arch}.{key!r} is missing; the file is incomplete")
+            raise FileFormatError(f"GGUF metadata key {arch}.{key!r} is missing; the file is incomplete")
         return meta[f"{arch}.{key}"]
 
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     if not vocab:
-        raise ValueError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+        raise FileFormatError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
     num_heads = required("attention.head_count")
     config = ModelConfig(
         vocab_size=vocab,

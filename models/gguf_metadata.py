@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from mpo_jax.errors import FileFormatError, MissingFileError
+
 
 def open_gguf(path: str | os.PathLike):
     """Open a GGUF file with a clear error when it is missing or not a GGUF file."""
@@ -12,11 +14,11 @@ def open_gguf(path: str | os.PathLike):
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file not found: {path!r}")
+        raise MissingFileError(f"GGUF file not found: {path!r}")
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError/struct errors on corrupt files
-        raise ValueError(
+        raise FileFormatError(
             f"{path!r} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
             "re-download or re-convert it") from exc
 

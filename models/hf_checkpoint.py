@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
 from mpo_jax.models.config import ModelConfig, RopeScaling, canonical_param_shapes
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -69,7 +70,7 @@ def resolve_param_dtype(dtype: npt.DTypeLike) -> np.dtype:
 
     resolved = np.dtype(ml_dtypes.bfloat16 if isinstance(dtype, str) and dtype == "bfloat16" else dtype)
     if resolved.name not in _PARAM_DTYPES:
-        raise ValueError(f"unsupported parameter dtype {resolved.name!r}; use one of {_PARAM_DTYPES}")
+        raise InvalidValueError(f"unsupported parameter dtype {resolved.name!r}; use one of {_PARAM_DTYPES}")
     return resolved
 
 
@@ -100,8 +101,8 @@ def config_from_hf(hf: dict[str, Any], *, value_head: bool = False,
     """Map a HF `config.json` dict (transformers 4 or 5 layout) to a `ModelConfig`."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r} in config.json; "
-                         f"supported model types are {SUPPORTED_MODEL_TYPES}")
+        raise FileFormatError(f"unsupported model_type {model_type!r} in config.json; "
+                              f"supported model types are {SUPPORTED_MODEL_TYPES}")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
         raise NotImplementedError("only SiLU MLPs without biases are supported "
                                   f"(hidden_act={hf.get('hidden_act')!r}, mlp_bias={hf.get('mlp_bias')!r})")
@@ -167,11 +168,11 @@ def load_hf_checkpoint(path: str | os.PathLike, *,
 def _checkpoint_dir(path: str | os.PathLike) -> str:
     root = os.fspath(path)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"checkpoint directory not found: {root!r}; pass the folder that holds "
-                                f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise MissingFileError(f"checkpoint directory not found: {root!r}; pass the folder that holds "
+                               f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     if not os.path.isfile(os.path.join(root, CONFIG_NAME)):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {root!r}; a HF checkpoint directory needs the model "
-                                "config next to the weights (download it with the weights)")
+        raise MissingFileError(f"no {CONFIG_NAME} in {root!r}; a HF checkpoint directory needs the model "
+                               "config next to the weights (download it with the weights)")
     return root
 
 
@@ -180,7 +181,7 @@ def _read_json(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path!r} is not valid JSON ({exc}); re-download or re-export it") from exc
+        raise FileFormatError(f"{path!r} is not valid JSON ({exc}); re-download or re-export it") from exc
 
 
 def _weight_map(root: str) -> dict[str, str]:
@@ -191,13 +192,13 @@ def _weight_map(root: str) -> dict[str, str]:
                       for name, file in _read_json(index_path)["weight_map"].items()}
         for file in sorted(set(weight_map.values())):
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"shard {file!r} listed in {index_path!r} is missing; "
-                                        "re-download the checkpoint")
+                raise MissingFileError(f"shard {file!r} listed in {index_path!r} is missing; "
+                                       "re-download the checkpoint")
         return weight_map
     single = os.path.join(root, WEIGHTS_NAME)
     if not os.path.isfile(single):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {root!r}; only safetensors "
-                                "weights are supported (convert pytorch_model.bin first)")
+        raise MissingFileError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {root!r}; only safetensors "
+                               "weights are supported (convert pytorch_model.bin first)")
     with _open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), single)
 
@@ -208,8 +209,8 @@ def _open_safetensors(file: str) -> Any:
     try:
         return safe_open(file, framework="numpy")
     except SafetensorError as exc:
-        raise ValueError(f"{file!r} is not a valid safetensors file ({exc}); it is probably truncated "
-                         "or corrupt: re-download or re-export it") from exc
+        raise FileFormatError(f"{file!r} is not a valid safetensors file ({exc}); it is probably truncated "
+                              "or corrupt: re-download or re-export it") from exc
 
 
 class _Shards(contextlib.ExitStack):
@@ -229,20 +230,20 @@ class _Shards(contextlib.ExitStack):
         file = self._weight_map.get(name)
         if file is None:
             files = sorted({os.path.basename(f) for f in self._weight_map.values()})
-            raise ValueError(f"tensor {name!r} is missing from the checkpoint (looked in {files}); "
-                             "the weights are incomplete or belong to a different architecture")
+            raise FileFormatError(f"tensor {name!r} is missing from the checkpoint (looked in {files}); "
+                                  "the weights are incomplete or belong to a different architecture")
         if file not in self._handles:
             self._handles[file] = self.enter_context(_open_safetensors(file))
         handle = self._handles[file]
         try:
             found = tuple(handle.get_slice(name).get_shape())
             if found != shape:
-                raise ValueError(f"tensor {name!r} in {file!r} has shape {found}, expected {shape}: "
-                                 f"{CONFIG_NAME} and the weights disagree (wrong config or mixed weights)")
+                raise FileFormatError(f"tensor {name!r} in {file!r} has shape {found}, expected {shape}: "
+                                      f"{CONFIG_NAME} and the weights disagree (wrong config or mixed weights)")
             return handle.get_tensor(name)
         except SafetensorError as exc:
-            raise ValueError(f"cannot read tensor {name!r} from {file!r} ({exc}); the file is corrupt "
-                             "or does not match its index: re-download or re-export it") from exc
+            raise FileFormatError(f"cannot read tensor {name!r} from {file!r} ({exc}); the file is corrupt "
+                                  "or does not match its index: re-download or re-export it") from exc
 
 
 def _require_zero(t: HFTensor, shards: _Shards) -> None:
@@ -311,7 +312,7 @@ def _transformers_config(config: ModelConfig, dtype: str) -> Any:
     if config.architecture == "llama":
         return LlamaConfig(attention_bias=config.attention_bias, **common)
     if not config.attention_bias:
-        raise ValueError("Qwen2 always has q/k/v projection biases; set attention_bias=True to export qwen2")
+        raise InvalidValueError("Qwen2 always has q/k/v projection biases; set attention_bias=True to export qwen2")
     return Qwen2Config(**common)
 
 

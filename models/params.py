@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from mpo_jax.errors import FileFormatError
 from mpo_jax.models.config import ModelConfig, canonical_param_shapes, lora_param_shapes
 from mpo_jax.models.transformer import Transformer
 
@@ -32,8 +33,8 @@ def check_param_shapes(config: ModelConfig, flat: Mapping[str, Any], source: str
     problems += [f"{name}: config says {expected[name]}, {source} have {tuple(np.shape(flat[name]))}"
                  for name in flat if name in expected and tuple(np.shape(flat[name])) != expected[name]]
     if problems:
-        raise ValueError(f"the model config and the {source} disagree: " + "; ".join(problems)
-                         + ". Check that the config.json/metadata belongs to these weights.")
+        raise FileFormatError(f"the model config and the {source} disagree: " + "; ".join(problems)
+                              + ". Check that the config.json/metadata belongs to these weights.")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:

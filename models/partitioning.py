@@ -1,7 +1,7 @@
 """Logical axes of every parameter, for mapping onto a (`data`, `fsdp`, `tensor`) mesh.
 
 Names follow `canonical_param_shapes`. Logical axes are mapped to mesh axes in
-`mpo_jax.sharding`; keeping the model side logical lets other meshes reuse the rules.
+`mpo_jax.engine.sharding`; keeping the model side logical lets other meshes reuse the rules.
 """
 
 from __future__ import annotations

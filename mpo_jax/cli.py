@@ -1,4 +1,8 @@
-"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `models`."""
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `models`.
+
+A refused input (any `MpoError`: a bad rubric file, config key, model path, ...) prints one line,
+`error: <message>`, and exits with status 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,20 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mpo_jax.errors import InvalidValueError, MissingFileError, MpoError
+
 
 def _generate(args: argparse.Namespace) -> int:
-    from mpo_jax.language_model import load_model
-    from mpo_jax.sampling import SamplingParams
-    from mpo_jax.sharding import make_mesh
+    from mpo_jax.engine.language_model import load_model
+    from mpo_jax.engine.sampling import SamplingParams
+    from mpo_jax.engine.sharding import make_mesh
 
-    mesh = make_mesh(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
+    try:
+        mesh = make_mesh(tuple(int(x) for x in args.mesh.split(","))) if args.mesh else None
+    except ValueError as err:
+        if isinstance(err, MpoError):
+            raise
+        raise InvalidValueError(f"--mesh {args.mesh!r} must be integers such as 1,2,4 (data,fsdp,tensor)") from None
     start = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     loaded = time.perf_counter()
@@ -35,7 +46,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _models(_: argparse.Namespace) -> int:
-    from mpo_jax.presets import PRESETS
+    from mpo_jax.engine.presets import PRESETS
 
     for preset in PRESETS.values():
         print(f"{preset.name:32s} {preset.description}")
@@ -45,13 +56,13 @@ def _models(_: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
-    from mpo_jax.config import load_config
+    from mpo_jax.train.config import load_config
 
     config = load_config(args.config, args.overrides)  # every key checked before JAX starts
-    from mpo_jax import distributed
+    from mpo_jax.train import distributed
 
     distributed.initialize(config.distributed)
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(config)
@@ -82,18 +93,18 @@ def _load_judge_side(args: argparse.Namespace):
 
         path = Path(args.rubric)
         if not path.is_file():
-            raise FileNotFoundError(f"--rubric {args.rubric!r} is neither one of this task's rubrics "
-                                    f"({', '.join(task.initial_rubrics)}) nor a file")
+            raise MissingFileError(f"--rubric {args.rubric!r} is neither one of this task's rubrics "
+                                   f"({', '.join(task.initial_rubrics)}) nor a file")
         try:
             rubric = Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
         except RubricError as err:
             raise RubricError(f"--rubric {path}: {err}") from err
     if args.base_url:
-        from mpo_jax.backends.remote import RemoteChatModel
+        from mpo_jax.engine.remote import RemoteChatModel
 
         model = RemoteChatModel(args.base_url, args.model, api_key_env=args.api_key_env)
     else:
-        from mpo_jax.language_model import load_model
+        from mpo_jax.engine.language_model import load_model
 
         model = load_model(args.model, dtype=args.dtype)
     return model, task, rubric
@@ -102,8 +113,8 @@ def _load_judge_side(args: argparse.Namespace):
 def _score(args: argparse.Namespace) -> int:
     import json
 
-    from mpo_jax.judge import Judge
-    from mpo_jax.offline import read_rows, score_rows
+    from mpo_jax.reward.judge import Judge
+    from mpo_jax.reward.offline import read_rows, score_rows
 
     rows = read_rows(args.input)
     model, task, rubric = _load_judge_side(args)
@@ -122,8 +133,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _meta(args: argparse.Namespace) -> int:
-    from mpo_jax.meta import MetaRewardModel
-    from mpo_jax.offline import meta_from_rows, read_rows
+    from mpo_jax.reward.meta import MetaRewardModel
+    from mpo_jax.reward.offline import meta_from_rows, read_rows
 
     rows = read_rows(args.buffer, need_score=True)
     model, task, rubric = _load_judge_side(args)
@@ -146,7 +157,7 @@ def _judge_side_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mpo_jax.report import run_report
+    from mpo_jax.train.report import run_report
 
     return run_report(args)
 
@@ -201,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta.set_defaults(func=_meta)
 
     report = sub.add_parser("report", help="plots and a rubric-history page for a run directory")
-    from mpo_jax.report import add_report_arguments
+    from mpo_jax.train.report import add_report_arguments
 
     add_report_arguments(report)
     report.set_defaults(func=_report)
@@ -213,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.set_defaults(func=run_eval)
 
     export = sub.add_parser("export", help="export a trained policy (LoRA merged) as a Hugging Face checkpoint")
-    from mpo_jax.export import add_export_arguments, run_export
+    from mpo_jax.train.export import add_export_arguments, run_export
 
     add_export_arguments(export)
     export.set_defaults(func=run_export)
@@ -231,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = overrides
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except MpoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.errors import FileFormatError
+
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, errors: str = "strict") -> None:
     """Write `text` to a temp file next to `path`, fsync it, then rename it over `path`."""
@@ -42,9 +44,9 @@ def iter_jsonl_objects(path: str | os.PathLike[str]) -> Iterator[tuple[int, str,
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
+                raise FileFormatError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                raise FileFormatError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             yield number, text, row
 
 

@@ -108,7 +108,7 @@ def smollm2_gguf(request: pytest.FixtureRequest) -> Path:
         pytest.skip(check.message)
     if not check.usable:
         pytest.fail(check.message, pytrace=False)
-    from mpo_jax.presets import PresetNotFoundError, resolve
+    from mpo_jax.engine.presets import PresetNotFoundError, resolve
 
     try:
         return resolve("smollm2-135m-instruct")

@@ -14,13 +14,13 @@ import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
-from mpo_jax.checkpoint import Checkpointer, CheckpointMismatchError, PreemptionGuard
-from mpo_jax.language_model import LanguageModel, place_params
+from mpo_jax.engine.language_model import LanguageModel, place_params
+from mpo_jax.engine.sharding import as_auto_mesh
 from mpo_jax.models.params import init_lora_params
 from mpo_jax.rl.compiled import place_state
 from mpo_jax.rl.config import OptimizerConfig
 from mpo_jax.rl.train_state import create_train_state
-from mpo_jax.sharding import as_auto_mesh
+from mpo_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, PreemptionGuard
 
 VOCAB = 264
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, schedule="linear", total_updates=10)
@@ -228,7 +228,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp
     import optax
-    from mpo_jax.checkpoint import Checkpointer, PreemptionGuard
+    from mpo_jax.train.checkpoint import Checkpointer, PreemptionGuard
     from mpo_jax.rl.train_state import TrainState
 
     params = {"policy": {"w": jnp.zeros(6)}}

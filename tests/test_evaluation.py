@@ -14,7 +14,9 @@ from tiny import fixture_data_dir
 from mpo_jax.evaluation.cli import eval_main, parse_generation_specs
 from mpo_jax.evaluation.elo import EloSummary, Match, elo_ratings, elo_update, expected_score, run_tournament
 from mpo_jax.evaluation.generate import dedupe_rows, find_run_checkpoint, read_generations, row_key
-from mpo_jax.evaluation.metrics import (
+from mpo_jax.evaluation.pairwise import Judgment, PairwiseJudge, judge_all_pairs, position_consistency
+from mpo_jax.evaluation.tables import Cell, elo_cells, metric_cells, plot_ratings, results_table
+from mpo_jax.tasks.metrics import (
     math_accuracy,
     math_correct,
     predict_verdict,
@@ -23,8 +25,6 @@ from mpo_jax.evaluation.metrics import (
     score_generations,
     verdict_accuracy,
 )
-from mpo_jax.evaluation.pairwise import Judgment, PairwiseJudge, judge_all_pairs, position_consistency
-from mpo_jax.evaluation.tables import Cell, elo_cells, metric_cells, plot_ratings, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -372,8 +372,8 @@ def tiny_run(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("MPO_JAX_CACHE")
     os.environ["MPO_JAX_CACHE"] = str(cache)
-    from mpo_jax.config import load_config
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.config import load_config
+    from mpo_jax.train.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     overrides = ["--config.num_updates=1", "--config.meta.enabled=false", "--config.rollout.max_new_tokens=8",
@@ -429,7 +429,7 @@ def test_restored_policy_has_the_trained_lora_weights(tiny_run):
 
 
 def test_end_to_end_generate_then_elo_with_a_tiny_judge(tiny_run, tmp_path, monkeypatch, capsys):
-    from mpo_jax.language_model import LanguageModel
+    from mpo_jax.engine.language_model import LanguageModel
 
     run_dir, trainer = tiny_run
     data_dir = trainer.config.data.data_dir

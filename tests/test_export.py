@@ -21,8 +21,10 @@ import pytest
 from safetensors.numpy import load_file
 from tiny import fixture_data_dir
 
-from mpo_jax.config import load_config
-from mpo_jax.export import (
+from mpo_jax.engine.tokenizer import Tokenizer
+from mpo_jax.models.config import ModelConfig
+from mpo_jax.train.config import load_config
+from mpo_jax.train.export import (
     ExportError,
     add_export_arguments,
     export_policy,
@@ -31,8 +33,6 @@ from mpo_jax.export import (
     run_export,
     save_tokenizer,
 )
-from mpo_jax.models.config import ModelConfig
-from mpo_jax.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -61,7 +61,7 @@ def cache_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_env):
     """(run dir, final TrainState, {update: policy trainable params copied to host at that update})."""
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("export") / "run"
     data = fixture_data_dir(tmp_path_factory.mktemp("data"))
@@ -166,7 +166,7 @@ def test_exported_weights_are_base_plus_scaled_adapters(trained, exported):
 def test_tokenizer_files_round_trip(exported, cache_env):
     from transformers import AutoTokenizer
 
-    from mpo_jax.tiny import tiny_tokenizer
+    from mpo_jax.engine.tiny import tiny_tokenizer
 
     source = tiny_tokenizer(320)
     reloaded = Tokenizer.from_dir(exported.out_dir)
@@ -334,7 +334,7 @@ def test_transformers_reads_the_exported_policy(trained, exported):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mpo_jax.tiny import tiny_tokenizer
+    from mpo_jax.engine.tiny import tiny_tokenizer
 
     _, state, _ = trained
     expected = policy_logits(state, state.params["policy"])

@@ -1,4 +1,4 @@
-"""Reward-hacking generators and detectors (mpo_jax.evaluation.hacks) on hand-written essays."""
+"""Reward-hacking generators and detectors (mpo_jax.reward.hacks) on hand-written essays."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpo_jax.evaluation import hacks as H
+from mpo_jax.reward import hacks as H
 
 ESSAYS = json.loads((Path(__file__).parent / "fixtures" / "hacks_essays.json").read_text())["essays"]
 IDS = [e["id"] for e in ESSAYS]

@@ -8,9 +8,9 @@ import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
-from mpo_jax.compilation import count_compilations
-from mpo_jax.judge import Judge, RubricTooLongError
-from mpo_jax.language_model import LanguageModel, place_params
+from mpo_jax.engine.compilation import count_compilations
+from mpo_jax.engine.language_model import LanguageModel, place_params
+from mpo_jax.reward.judge import Judge, RubricTooLongError
 from mpo_jax.rubric import Rubric, RubricError, ScaleError
 
 TASK = types.SimpleNamespace(

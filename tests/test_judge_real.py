@@ -24,11 +24,11 @@ import math
 import numpy as np
 import pytest
 
-from mpo_jax import chat_session
-from mpo_jax.judge import Judge
-from mpo_jax.meta import MetaRewardModel, MetaSample
+from mpo_jax.engine import chat_session
+from mpo_jax.engine.sampling import SamplingParams
+from mpo_jax.reward.judge import Judge
+from mpo_jax.reward.meta import MetaRewardModel, MetaSample
 from mpo_jax.rubric import Rubric
-from mpo_jax.sampling import SamplingParams
 from mpo_jax.tasks import load_records
 
 pytestmark = pytest.mark.slow

@@ -17,9 +17,8 @@ from reference_numpy import forward_row
 from tiny import numpy_config, random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
-from mpo_jax import sharding as sharding_lib
-from mpo_jax.export import exported_model_config, merge_lora
-from mpo_jax.language_model import LanguageModel, place_params
+from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.engine.language_model import LanguageModel, place_params
 from mpo_jax.models.config import LORA_TARGETS, ModelConfig, lora_param_shapes
 from mpo_jax.models.hf_checkpoint import export_hf_checkpoint, load_hf_checkpoint
 from mpo_jax.models.partitioning import logical_axes
@@ -27,6 +26,7 @@ from mpo_jax.models.transformer import LoRAParam
 from mpo_jax.rl.config import OptimizerConfig
 from mpo_jax.rl.ppo import make_rollout_stats
 from mpo_jax.rl.train_state import create_train_state
+from mpo_jax.train.export import exported_model_config, merge_lora
 
 RANK, ALPHA = 3, 6.0
 SCALE = ALPHA / RANK

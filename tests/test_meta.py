@@ -9,10 +9,10 @@ import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
-from mpo_jax.language_model import LanguageModel, place_params
-from mpo_jax.meta import KEPT_REASONS, MetaRewardModel, MetaSample
+from mpo_jax.engine.language_model import LanguageModel, place_params
+from mpo_jax.reward.meta import KEPT_REASONS, MetaRewardModel, MetaSample
+from mpo_jax.reward.sense_check import clean_markup, copied_fraction, level_values, ngrams
 from mpo_jax.rubric import SCALE_FORM, Rubric, RubricLimits
-from mpo_jax.sense_check import clean_markup, copied_fraction, level_values, ngrams
 from mpo_jax.tasks import get_task
 
 TASK = get_task("essay")
@@ -379,7 +379,7 @@ def test_meta_step_runs_on_a_local_model(tmp_path_factory):
 
 
 def test_math_meta_step_refines_each_group_from_tiered_cases():
-    from mpo_jax.meta import math_meta_step, tiered_cases
+    from mpo_jax.reward.meta import math_meta_step, tiered_cases
     from mpo_jax.tasks.math_reasoning import subject_id
 
     rng = np.random.default_rng(0)
@@ -408,7 +408,7 @@ def test_math_meta_step_refines_each_group_from_tiered_cases():
 
 
 def test_math_meta_step_accepts_a_long_guideline_within_the_task_limits():
-    from mpo_jax.meta import math_meta_step
+    from mpo_jax.reward.meta import math_meta_step
 
     long_guideline = ("Check every step of the derivation against the reference solution. " * 90).strip()
     assert 6000 <= len(long_guideline) <= 12000
@@ -428,7 +428,7 @@ def test_math_meta_step_accepts_a_long_guideline_within_the_task_limits():
 
 
 def test_the_reason_is_logged_whether_or_not_the_rubric_changes(caplog):
-    caplog.set_level("INFO", logger="mpo_jax.meta")
+    caplog.set_level("INFO", logger="mpo_jax.reward.meta")
     MetaRewardModel(ScriptedClient(items=[""]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0, step=4)
     MetaRewardModel(ScriptedClient(items=[FOCUS]), task="essay", num_samples=2).meta_step(RUBRIC, samples(), 0,
                                                                                            step=5)

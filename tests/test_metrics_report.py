@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpo_jax import report
-from mpo_jax.meta import MetaResult, MetaSample
-from mpo_jax.metrics import METRICS_FILE, MetricsWriter, markdown_fence, progress_text, read_metrics
-from mpo_jax.rubric import Rubric, RubricHistory
+from mpo_jax.reward.meta import MetaResult, MetaSample
+from mpo_jax.reward.rubric_history import RubricHistory
+from mpo_jax.rubric import Rubric
+from mpo_jax.train import report
+from mpo_jax.train.metrics import METRICS_FILE, MetricsWriter, markdown_fence, progress_text, read_metrics
 
 SCRIPT = '<script>alert("pwned")</script>'
 IMG = "<img src=x onerror=alert(1)>"

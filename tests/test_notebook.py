@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mpo_jax.rubric import RubricHistory
+from mpo_jax.reward.rubric_history import RubricHistory
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -8,10 +8,10 @@ import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax.cli import main
-from mpo_jax.judge import Judge
-from mpo_jax.language_model import load_model
+from mpo_jax.engine.language_model import load_model
 from mpo_jax.models.hf_checkpoint import export_hf_checkpoint
-from mpo_jax.rubric import RubricHistory
+from mpo_jax.reward.judge import Judge
+from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.tasks import get_task
 
 

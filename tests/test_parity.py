@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
-from mpo_jax import presets
-from mpo_jax.language_model import LanguageModel, load_model, place_params
+from mpo_jax.engine import presets
+from mpo_jax.engine.language_model import LanguageModel, load_model, place_params
+from mpo_jax.engine.sampling import SamplingParams
+from mpo_jax.engine.tokenizer import Tokenizer
 from mpo_jax.models.hf_checkpoint import export_hf_checkpoint, hf_tensors
 from mpo_jax.models.params import flat_from_state
-from mpo_jax.sampling import SamplingParams
-from mpo_jax.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

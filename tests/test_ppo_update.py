@@ -8,8 +8,9 @@ from flax import nnx
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import Tokenizer
-from mpo_jax.compilation import count_compilations
-from mpo_jax.language_model import LanguageModel, place_params
+from mpo_jax.engine.compilation import count_compilations
+from mpo_jax.engine.language_model import LanguageModel, place_params
+from mpo_jax.engine.sharding import as_auto_mesh
 from mpo_jax.models.params import flatten, init_lora_params
 from mpo_jax.rl.advantages import compute_gae
 from mpo_jax.rl.batch import RolloutBatch
@@ -28,7 +29,6 @@ from mpo_jax.rl.masked import masked_whiten
 from mpo_jax.rl.ppo import make_ppo_update, make_rollout_stats
 from mpo_jax.rl.rewards import response_masks
 from mpo_jax.rl.train_state import create_train_state
-from mpo_jax.sharding import as_auto_mesh
 
 VOCAB = 264
 EOS = 2  # the tiny tokenizer's <|im_end|>; random tokens are drawn from 3 up, so never by chance
@@ -85,8 +85,8 @@ def make_batch(stats_fn, state, arrays, scores, mesh=None):
 def place_batch_rows(array, mesh):
     if mesh is None:
         return jnp.asarray(array)
+    from mpo_jax.engine.sharding import place
     from mpo_jax.rl.compiled import batch_spec
-    from mpo_jax.sharding import place
 
     return place(np.asarray(array), batch_spec(mesh))
 

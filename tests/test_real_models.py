@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mpo_jax import load_model
-from mpo_jax.presets import PRESETS
+from mpo_jax.engine.presets import PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from mpo_jax import cli, presets
-from mpo_jax.presets import PresetIntegrityError, PresetNotFoundError
+from mpo_jax import cli
+from mpo_jax.engine import presets
+from mpo_jax.engine.presets import PresetIntegrityError, PresetNotFoundError
 
 NAME = "qwen2.5-coder-1.5b-instruct"
 

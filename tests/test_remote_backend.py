@@ -18,8 +18,7 @@ import traceback
 import pytest
 from fake_openai import FakeServer, Reply, error, ok
 
-from mpo_jax.backends import RemoteBackendError, RemoteChatModel
-from mpo_jax.backends.remote import _retry_after_seconds, parse_choice, parse_integer
+from mpo_jax.engine.remote import RemoteBackendError, RemoteChatModel, _retry_after_seconds, parse_choice, parse_integer
 
 KEY_ENV = "MPO_TEST_REMOTE_KEY"
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
@@ -107,7 +106,7 @@ def test_constraint_fields_per_style(serve, style, integer_fields, choice_fields
 
 
 def test_generate_matches_language_model_signature_and_wraps_strings(serve):
-    from mpo_jax.language_model import LanguageModel
+    from mpo_jax.engine.language_model import LanguageModel
 
     ours = inspect.signature(RemoteChatModel.generate).parameters
     theirs = inspect.signature(LanguageModel.generate).parameters

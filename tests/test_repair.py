@@ -16,8 +16,8 @@ from tiny import fixture_data_dir
 
 from mpo_jax.evaluation import repair as bench
 from mpo_jax.evaluation.cli import eval_main, repair_configurations
-from mpo_jax.evaluation.hacks import HACK_KINDS
-from mpo_jax.meta import MetaRewardModel
+from mpo_jax.reward.hacks import HACK_KINDS
+from mpo_jax.reward.meta import MetaRewardModel
 from mpo_jax.tasks import get_task
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -234,8 +234,8 @@ def test_a_rejected_proposal_keeps_rubric_and_scores():
 # -- the CLI ------------------------------------------------------------------------------------
 
 def test_cli_reuses_a_saved_set_and_compares_protocols(tmp_path, monkeypatch, capsys):
-    import mpo_jax.judge
-    import mpo_jax.model_specs
+    import mpo_jax.reward.judge
+    import mpo_jax.train.model_specs
 
     judges = []
 
@@ -243,8 +243,8 @@ def test_cli_reuses_a_saved_set_and_compares_protocols(tmp_path, monkeypatch, ca
         judges.append(ScriptedJudge(*args, **kw))
         return judges[-1]
 
-    monkeypatch.setattr(mpo_jax.judge, "Judge", make_judge)
-    monkeypatch.setattr(mpo_jax.model_specs, "build_model", lambda spec, mesh: ScriptedMRM())
+    monkeypatch.setattr(mpo_jax.reward.judge, "Judge", make_judge)
+    monkeypatch.setattr(mpo_jax.train.model_specs, "build_model", lambda spec, mesh: ScriptedMRM())
     out = tmp_path / "out"
     bench.save_labelled_set(scripted_rows(), out / bench.SET_FILE, "essay")
     argv = ["repair", "--task", "essay", "--judge", "tiny-random", "--writer", "no-such-model", "--out", str(out),
@@ -295,7 +295,7 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_repair_with_the_qwen_judge_on_two_prompts(tmp_path, capsys):
-    from mpo_jax import presets
+    from mpo_jax.engine import presets
 
     name = "qwen2.5-coder-0.5b-instruct"
     try:

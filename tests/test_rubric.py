@@ -9,17 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mpo_jax.reward.rubric_history import HISTORY_FILE, RubricHistory, rubric_file_name
 from mpo_jax.rubric import (
-    HISTORY_FILE,
     SCALE_FORM,
     Rubric,
     RubricError,
-    RubricHistory,
     RubricLimits,
     ScaleError,
     diff,
     item_scale,
-    rubric_file_name,
     rubric_scales,
     validate,
 )

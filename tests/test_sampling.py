@@ -5,8 +5,8 @@ import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import SamplingParams, Tokenizer
-from mpo_jax.compilation import count_compilations
-from mpo_jax.language_model import LanguageModel, place_params
+from mpo_jax.engine.compilation import count_compilations
+from mpo_jax.engine.language_model import LanguageModel, place_params
 
 VOCAB = 264
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpo_jax.sampling import _filter_top_k, _filter_top_p
+from mpo_jax.engine.sampling import _filter_top_k, _filter_top_p
 
 
 def nucleus_reference(logits, top_p):

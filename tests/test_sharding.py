@@ -6,8 +6,8 @@ import pytest
 from tiny import random_params, tiny_config, tiny_tokenizer_dir
 
 from mpo_jax import SamplingParams, Tokenizer
-from mpo_jax.language_model import LanguageModel, place_params
-from mpo_jax.sharding import batch_parallelism, make_mesh
+from mpo_jax.engine.language_model import LanguageModel, place_params
+from mpo_jax.engine.sharding import batch_parallelism, make_mesh
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def models(tmp_path_factory):
     single = LanguageModel(config, tokenizer, *place_params(config, params, None), **kwargs)
     # exactly what jax.make_mesh returns (Explicit axes in jax >= 0.9)
     mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))
-    from mpo_jax.sharding import as_auto_mesh
+    from mpo_jax.engine.sharding import as_auto_mesh
 
     auto = as_auto_mesh(mesh)
     sharded = LanguageModel(config, tokenizer, *place_params(config, params, auto), mesh=auto, **kwargs)

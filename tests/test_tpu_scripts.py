@@ -354,7 +354,7 @@ def test_printed_commands_round_trip_through_shlex(capsys):
 
 
 def test_the_launch_overrides_parse_into_the_expected_train_config(capsys):
-    from mpo_jax.config import load_config
+    from mpo_jax.train.config import load_config
 
     train = [w for w in shlex.split(script_of(dry(capsys, "launch", *LAUNCH)[0])) if w.startswith("--config.")]
     config = load_config(f"{ROOT}/configs/paper.py:essay_mpo", train)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from tiny import fixture_data_dir
 
-from mpo_jax.compilation import count_compilations
-from mpo_jax.config import ConfigError, load_config
-from mpo_jax.metrics import read_metrics
-from mpo_jax.rubric import RubricHistory
+from mpo_jax.engine.compilation import count_compilations
+from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.tasks import get_task
+from mpo_jax.train.config import ConfigError, load_config
+from mpo_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -45,7 +45,7 @@ def cache_env(tmp_path_factory):
 
 
 def run_in_process(run_dir: Path, *extra: str):
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
 
     trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={run_dir}", *extra]))
     trainer.run()
@@ -95,8 +95,8 @@ def test_a_two_by_two_by_two_mesh_matches_one_device(reference_run, tmp_path, ca
 CHILD = textwrap.dedent("""
     import os, signal, sys
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    from mpo_jax.config import load_config
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.config import load_config
+    from mpo_jax.train.trainer import Trainer
     mode, config_path, *overrides = sys.argv[1:]
     trainer = Trainer(load_config(config_path, overrides))
     if mode == "kill-after-checkpoint-2":
@@ -163,7 +163,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_env):
     ("--config.judge.initial_rubric=nonesuch", "config.judge.initial_rubric"),
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(override, expected, tmp_path, cache_env):
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
 
     with count_compilations() as compiled:
         with pytest.raises(ConfigError) as err:
@@ -184,8 +184,8 @@ MULTIHOST_CHILD = textwrap.dedent("""
     import os, sys
     process_id, port, run_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    from mpo_jax.config import load_config
-    from mpo_jax import distributed
+    from mpo_jax.train.config import load_config
+    from mpo_jax.train import distributed
     config = load_config(sys.argv[4], sys.argv[5:] + [
         f"--config.run_dir={run_dir}", "--config.distributed.initialize=true",
         f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
@@ -193,7 +193,7 @@ MULTIHOST_CHILD = textwrap.dedent("""
     distributed.initialize(config.distributed)
     import jax
     assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
     trainer = Trainer(config)
     trainer.run()
     print("RUBRIC", repr(trainer.history.current.render()))
@@ -352,7 +352,7 @@ def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path
     """A 6,000-character guideline (over the generic 4,000-character item limit, within MATH's 12,000)."""
     from mpo_jax.tasks import load_records
     from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
-    from mpo_jax.trainer import Trainer
+    from mpo_jax.train.trainer import Trainer
 
     run_dir = tmp_path / "math"
     args = ["--config.task=math", "--config.num_updates=2", "--config.log.report=false",
@@ -429,7 +429,7 @@ def test_paper_configs_load_and_validate(variant):
 
 def test_the_judge_rubric_budget_follows_the_meta_config():
     config = load_config(f"{ROOT}/configs/paper.py:essay_mpo")
-    from mpo_jax.config import RUBRIC_HEADROOM_TOKENS
+    from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS
 
     items = get_task("essay").rubric_limits.max_items  # meta.max_items = 0: the task's hard limit
     assert config.judge_max_items == items

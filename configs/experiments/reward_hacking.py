@@ -20,7 +20,7 @@ Optimisation pressure is high on purpose (learning rate 1e-4 on the adapters, KL
 0.01, responses up to 160 tokens) so that a fixed rubric's loopholes show within ~40 updates.
 """
 
-from mpo_jax.config import default_config
+from mpo_jax.train.config import default_config
 
 ARMS = {  # arm -> (initial rubric, meta steps on)
     "ppo_iter0": ("iter0", False),

@@ -10,7 +10,6 @@ JSONL files, or TFDS's own catalog dataset, and returns a random-access `TaskSou
 from mpo_jax.data.builders import (
     BUILDERS,
     JsonlTaskBuilder,
-    builder_for,
     prepare_jsonl_builder,
     source_fingerprint,
     split_files,
@@ -21,6 +20,6 @@ from mpo_jax.data.sources import TaskSource, prepare_task_source
 
 __all__ = [
     "BUILDERS", "CATALOG", "CatalogDataset", "CatalogUnavailableError", "JsonlTaskBuilder", "PromptBatch",
-    "PromptIterator", "RecordSource", "TaskSource", "billsum_record", "builder_for", "clean_bill_text",
+    "PromptIterator", "RecordSource", "TaskSource", "billsum_record", "clean_bill_text",
     "epoch_order", "prepare_jsonl_builder", "prepare_task_source", "source_fingerprint", "split_files",
 ]

@@ -27,11 +27,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import constants as tfds_constants
 
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
 from mpo_jax.fileio import iter_jsonl_objects
 from mpo_jax.tasks import Task, default_data_dir, get_task
 
 __all__ = [
-    "BUILDERS", "JsonlTaskBuilder", "MpoEssay", "MpoEthics", "MpoMath", "MpoSummarization", "builder_for",
+    "BUILDERS", "JsonlTaskBuilder", "MpoEssay", "MpoEthics", "MpoMath", "MpoSummarization",
     "prepare_jsonl_builder", "resolve_tfds_dir", "source_fingerprint", "split_files", "stored_fingerprint",
     "stored_split_sha256",
 ]
@@ -92,8 +93,8 @@ class JsonlTaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         if not self._split_files:
-            raise ValueError(f"{self.name} needs jsonl_dir=DIR (the folder holding "
-                             f"{get_task(self.TASK_NAME).data_folder}/{{split}}.jsonl) to generate its splits")
+            raise InvalidValueError(f"{self.name} needs jsonl_dir=DIR (the folder holding "
+                                    f"{get_task(self.TASK_NAME).data_folder}/{{split}}.jsonl) to generate its splits")
         return {split: self._generate_examples(path) for split, path in self._split_files.items()}
 
     def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -134,11 +135,6 @@ BUILDERS: Mapping[str, type[JsonlTaskBuilder]] = MappingProxyType({
 })
 
 
-def builder_for(task: str | Task) -> type[JsonlTaskBuilder]:
-    """The builder class of a task (name, MPO alias or `Task`)."""
-    return BUILDERS[_task(task).name]
-
-
 def resolve_tfds_dir(tfds_dir: str | os.PathLike[str] | None) -> str:
     """`tfds_dir`, or TFDS's default (`$TFDS_DATA_DIR`, else `~/tensorflow_datasets`)."""
     return os.fspath(tfds_constants.get_default_data_dir() if tfds_dir is None else tfds_dir)
@@ -149,12 +145,12 @@ def split_files(task: str | Task, data_dir: str | os.PathLike[str] | None = None
     task_obj = _task(task)
     folder = _data_root(data_dir) / task_obj.data_folder
     if not folder.is_dir():
-        raise FileNotFoundError(f"no {task_obj.name} data folder at {folder}; pass data_dir=DIR, the folder "
-                                f"holding {task_obj.data_folder}/train.jsonl (default {default_data_dir()})")
+        raise MissingFileError(f"no {task_obj.name} data folder at {folder}; pass data_dir=DIR, the folder "
+                               f"holding {task_obj.data_folder}/train.jsonl (default {default_data_dir()})")
     found = {path.stem: path for path in sorted(folder.glob("*.jsonl"))
              if path.is_file() and _SPLIT_FILE_RE.fullmatch(path.stem)}
     if not found:
-        raise FileNotFoundError(f"no {task_obj.name} splits in {folder}: expected files such as train.jsonl")
+        raise MissingFileError(f"no {task_obj.name} splits in {folder}: expected files such as train.jsonl")
     return found
 
 
@@ -194,7 +190,7 @@ def prepare_jsonl_builder(task: str | Task, split: str, *, data_dir: str | os.Pa
     root = _data_root(data_dir)
     files = split_files(task_obj, root)
     if split not in files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no {task_obj.name} split {split!r}: {root / task_obj.data_folder / f'{split}.jsonl'} does not exist "
             f"(found {', '.join(files)}); pass one of those splits or a data_dir that holds {split}.jsonl")
     out_dir = resolve_tfds_dir(tfds_dir)
@@ -241,7 +237,7 @@ def _json_object_lines(path: Path) -> Iterator[str]:
         count += 1
         yield text
     if count == 0:
-        raise ValueError(f"{path} holds no records; remove the empty file or fill it")
+        raise FileFormatError(f"{path} holds no records; remove the empty file or fill it")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from mpo_jax.errors import InvalidValueError, MpoError
 from mpo_jax.tasks import Task, get_task
 
 __all__ = ["CATALOG", "CatalogDataset", "CatalogUnavailableError", "billsum_record", "catalog_data_source",
@@ -24,7 +25,7 @@ __all__ = ["CATALOG", "CatalogDataset", "CatalogUnavailableError", "billsum_reco
 _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
 
-class CatalogUnavailableError(RuntimeError):
+class CatalogUnavailableError(MpoError, RuntimeError):
     """A TFDS catalog dataset is neither prepared locally nor downloadable here."""
 
 
@@ -87,15 +88,15 @@ def catalog_entry(task: str | Task) -> CatalogDataset:
     name = (get_task(task) if isinstance(task, str) else task).name
     if name not in CATALOG:
         have = ", ".join(f"{key} ({entry.name})" for key, entry in CATALOG.items())
-        raise ValueError(f"no TFDS catalog dataset holds the {name} task's corpus (only {have}); "
-                         f"use source='jsonl'")
+        raise InvalidValueError(f"no TFDS catalog dataset holds the {name} task's corpus (only {have}); "
+                                f"use source='jsonl'")
     return CATALOG[name]
 
 
 def catalog_data_source(entry: CatalogDataset, split: str, *, tfds_dir: str, download: bool) -> Any:
     """The ArrayRecord data source of `entry`'s split, preparing the dataset first if allowed."""
     if split not in entry.splits:
-        raise ValueError(f"{entry.name} has no split {split!r}; choose one of {', '.join(entry.splits)}")
+        raise InvalidValueError(f"{entry.name} has no split {split!r}; choose one of {', '.join(entry.splits)}")
     builder = tfds.builder(entry.name, data_dir=tfds_dir, file_format=_ARRAY_RECORD)
     how = (f"on a machine with internet access run `tfds build {entry.name} --file_format=array_record "
            f"--data_dir DIR`, copy DIR here and pass tfds_dir=DIR, or use source='jsonl'")

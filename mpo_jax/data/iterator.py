@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError
+
 __all__ = ["STATE_FORMAT", "PromptBatch", "PromptIterator", "RecordSource", "epoch_order"]
 
 log = logging.getLogger(__name__)
@@ -83,10 +85,10 @@ class PromptIterator:
         self._process_count = _positive_int("process_count", process_count)
         self._process_index = _int("process_index", process_index)
         if not 0 <= self._process_index < self._process_count:
-            raise ValueError(f"process_index must be in [0, {self._process_count}), got {process_index}")
+            raise InvalidValueError(f"process_index must be in [0, {self._process_count}), got {process_index}")
         self._seed = _int("seed", seed)
         if not 0 <= self._seed <= _MASK64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+            raise InvalidValueError(f"seed must be in [0, 2**64), got {seed}")
         self._num_epochs = None if num_epochs is None else _positive_int("num_epochs", num_epochs)
         self._source, self._encode, self._shuffle = source, encode, bool(shuffle)
         self._size = len(source)
@@ -113,7 +115,7 @@ class PromptIterator:
             if len(chosen) == self._global_batch:
                 break
             if self._position == 0:
-                raise ValueError(self._too_few_message(len(chosen)))
+                raise InvalidValueError(self._too_few_message(len(chosen)))
             self._epoch, self._position = self._epoch + 1, 0  # drop the epoch's remainder
         share = chosen[self._process_index * self._batch_size:(self._process_index + 1) * self._batch_size]
         records = [encoded[i][0] if i in encoded else self._record(i) for i in share]
@@ -134,22 +136,23 @@ class PromptIterator:
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from PromptIterator.get_state, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"state format is {state.get('format')!r}, expected {STATE_FORMAT!r}; "
-                             f"pass a dict returned by PromptIterator.get_state")
+            raise InvalidValueError(f"state format is {state.get('format')!r}, expected {STATE_FORMAT!r}; "
+                                    f"pass a dict returned by PromptIterator.get_state")
         missing = [key for key in (*_POSITION_FIELDS, *_STREAM_FIELDS) if key not in state]
         if missing:
-            raise ValueError(f"state lacks {', '.join(missing)}; pass a dict returned by PromptIterator.get_state")
+            raise InvalidValueError(f"state lacks {', '.join(missing)}; pass a dict returned by "
+                                    "PromptIterator.get_state")
         mine = self._stream_identity()
         diffs = [f"{key}: state has {state[key]!r}, this iterator has {mine[key]!r}"
                  for key in _STREAM_FIELDS if state[key] != mine[key]]
         if diffs:
-            raise ValueError("state belongs to a different prompt stream (" + "; ".join(diffs) + "); build the "
-                             "iterator with the seed, source, batch_size * process_count, shuffle and "
-                             "max_prompt_tokens of the run that saved it")
+            raise InvalidValueError("state belongs to a different prompt stream (" + "; ".join(diffs) + "); build the "
+                                    "iterator with the seed, source, batch_size * process_count, shuffle and "
+                                    "max_prompt_tokens of the run that saved it")
         epoch, position, step = (_int(f"state[{key!r}]", state[key]) for key in _POSITION_FIELDS)
         if epoch < 0 or step < 0 or not 0 <= position <= self._size:
-            raise ValueError(f"state has epoch={epoch}, position={position}, step={step}; expected epoch >= 0, "
-                             f"step >= 0 and 0 <= position <= {self._size}")
+            raise InvalidValueError(f"state has epoch={epoch}, position={position}, step={step}; expected epoch >= 0, "
+                                    f"step >= 0 and 0 <= position <= {self._size}")
         self._epoch, self._position, self._step = epoch, position, step
 
     # -- filtering statistics -------------------------------------------------------------------
@@ -211,7 +214,8 @@ class PromptIterator:
                             f"token ids")
         token_ids = [operator.index(token) for token in ids]
         if not token_ids:
-            raise ValueError(f"encode(source[{index}]) returned no token ids; every prompt needs at least one token")
+            raise InvalidValueError(f"encode(source[{index}]) returned no token ids; every prompt needs at least "
+                                    "one token")
         self._lengths[index] = len(token_ids)
         return token_ids
 
@@ -239,7 +243,7 @@ def _check_source(source: Any) -> None:
         raise TypeError(f"source must be a random-access sequence of record dicts (len() and source[i]), "
                         f"got {type(source).__name__}")
     if len(source) == 0:
-        raise ValueError("source holds no records; check the data split or data_dir it was built from")
+        raise InvalidValueError("source holds no records; check the data split or data_dir it was built from")
 
 
 def _int(name: str, value: Any) -> int:
@@ -251,5 +255,5 @@ def _int(name: str, value: Any) -> int:
 def _positive_int(name: str, value: Any) -> int:
     number = _int(name, value)
     if number < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+        raise InvalidValueError(f"{name} must be at least 1, got {value}")
     return number

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from mpo_jax.data.builders import prepare_jsonl_builder, resolve_tfds_dir, stored_split_sha256
 from mpo_jax.data.catalog import catalog_data_source, catalog_entry
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.tasks import Task, get_task
 
 __all__ = ["TaskSource", "prepare_task_source"]
@@ -72,7 +73,7 @@ def prepare_task_source(task: str | Task, split: str, *, data_dir: str | os.Path
         return TaskSource(data_source, lambda example, i: entry.to_record(example, split, i), task=task_obj.name,
                           split=split, origin=f"tfds:{entry.name}/{version}",
                           fingerprint=f"tfds:{entry.name}/{version}:{entry.splits[split]}:{len(data_source)}")
-    raise ValueError(f"source must be 'jsonl' or 'tfds_catalog', got {source!r}")
+    raise InvalidValueError(f"source must be 'jsonl' or 'tfds_catalog', got {source!r}")
 
 
 def _decode_jsonl_example(example: Mapping[str, Any], position: int) -> dict[str, Any]:

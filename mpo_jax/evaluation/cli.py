@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
 from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
 
 ELO_FILE = "elo.json"
@@ -32,9 +33,9 @@ def _mesh(text: str | None) -> tuple[int, ...] | None:
     try:
         shape = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--mesh {text!r} must be three integers such as 1,2,4 (data,fsdp,tensor)") from None
+        raise InvalidValueError(f"--mesh {text!r} must be three integers such as 1,2,4 (data,fsdp,tensor)") from None
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--mesh {text!r} must be three positive integers such as 1,2,4 (data,fsdp,tensor)")
+        raise InvalidValueError(f"--mesh {text!r} must be three positive integers such as 1,2,4 (data,fsdp,tensor)")
     return shape
 
 
@@ -49,10 +50,10 @@ def parse_generation_specs(specs: Sequence[str]) -> dict[str, Path]:
             while Path(name).suffix in _SUFFIXES:
                 name = name[: -len(Path(name).suffix)]
         if name in named:
-            raise ValueError(f"two generation files are both named {name!r}; name them with NAME=PATH")
+            raise InvalidValueError(f"two generation files are both named {name!r}; name them with NAME=PATH")
         named[name] = Path(path)
     if not named:
-        raise ValueError("give at least one generation file (NAME=PATH or PATH)")
+        raise InvalidValueError("give at least one generation file (NAME=PATH or PATH)")
     return named
 
 
@@ -78,8 +79,8 @@ def resolve_task(task: str | None, players: dict[str, list[dict[str, Any]]]) -> 
     named = {row.get("task") for rows in players.values() for row in rows}
     if len(named) == 1 and isinstance(next(iter(named)), str):
         return get_task(next(iter(named))).name
-    raise ValueError("cannot tell the task from the generation files (rows name "
-                     f"{sorted(map(str, named))}); pass --task")
+    raise InvalidValueError("cannot tell the task from the generation files (rows name "
+                            f"{sorted(map(str, named))}); pass --task")
 
 
 # -- generate -----------------------------------------------------------------------------------
@@ -99,8 +100,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 # -- score --------------------------------------------------------------------------------------
 
 def _run_score(args: argparse.Namespace) -> int:
-    from mpo_jax.evaluation.metrics import score_generations
     from mpo_jax.evaluation.tables import elo_cells_from_json, merge_cells, metric_cells, results_table
+    from mpo_jax.tasks.metrics import score_generations
 
     players = load_players(args.generations)
     task = resolve_task(args.task, players)
@@ -109,8 +110,12 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.elo:
         path = Path(args.elo)
         if not path.is_file():
-            raise FileNotFoundError(f"no Elo file {path}; write one with `mpo-jax eval elo`")
-        elo = elo_cells_from_json(json.loads(path.read_text(encoding="utf-8")))
+            raise MissingFileError(f"no Elo file {path}; write one with `mpo-jax eval elo`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise FileFormatError(f"{path} is not valid JSON ({err}); write it with `mpo-jax eval elo`") from None
+        elo = elo_cells_from_json(data)
         missing = [name for name in cells if name not in elo]
         if missing:
             print(f"note: {path} has no rating for {', '.join(missing)} (rated: {', '.join(elo)}); name the "
@@ -132,13 +137,13 @@ def _run_score(args: argparse.Namespace) -> int:
 def build_judge_model(args: argparse.Namespace) -> Any:
     """The pairwise judge's model: an OpenAI-compatible endpoint, or a local model / preset / tiny-random."""
     if args.base_url:
-        from mpo_jax.backends.remote import RemoteChatModel
+        from mpo_jax.engine.remote import RemoteChatModel
 
         return RemoteChatModel(args.base_url, args.judge, api_key_env=args.api_key_env or None,
                                constraint_style=args.constraint_style, max_concurrency=args.concurrency)
-    from mpo_jax.config import ModelSpec
     from mpo_jax.evaluation.generate import check_model_name, device_mesh
-    from mpo_jax.model_specs import build_model
+    from mpo_jax.train.config import ModelSpec
+    from mpo_jax.train.model_specs import build_model
 
     check_model_name(args.judge, "--judge")
     spec = ModelSpec(name=args.judge, dtype=args.dtype, remat=False, seed=args.judge_seed)
@@ -153,7 +158,7 @@ def _run_elo(args: argparse.Namespace) -> int:
 
     players = load_players(args.generations)
     if len(players) < 2:
-        raise ValueError("an Elo tournament needs at least two generation files")
+        raise InvalidValueError("an Elo tournament needs at least two generation files")
     task = resolve_task(args.task, players)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +172,8 @@ def _run_elo(args: argparse.Namespace) -> int:
     matches = [m for m in (j.to_match() for j in judgments) if m is not None]
     invalid = len(judgments) - len(matches)
     if not matches:
-        raise ValueError(f"the judge gave no usable verdict in {len(judgments)} comparisons; check the judge model")
+        raise InvalidValueError(f"the judge gave no usable verdict in {len(judgments)} comparisons; "
+                                "check the judge model")
     summary = elo_ratings(matches, runs=args.runs, seed=args.seed, k=args.k, start=args.start,
                           players=list(players))
     record = {**summary.to_json(), "task": task, "judge": args.judge, "judge_mode": judge.mode,
@@ -193,13 +199,13 @@ def repair_configurations(modes: Sequence[str] | None, fence: str) -> list[Any]:
 
 
 def _run_repair(args: argparse.Namespace) -> int:
-    from mpo_jax.config import ModelSpec
     from mpo_jax.evaluation import repair as bench
     from mpo_jax.evaluation.generate import check_model_name
-    from mpo_jax.judge import Judge
-    from mpo_jax.meta import MetaRewardModel
-    from mpo_jax.model_specs import build_model
+    from mpo_jax.reward.judge import Judge
+    from mpo_jax.reward.meta import MetaRewardModel
     from mpo_jax.tasks import load_records
+    from mpo_jax.train.config import ModelSpec
+    from mpo_jax.train.model_specs import build_model
 
     task = bench.benchmark_task(args.task)
     rubric = bench.load_rubric(task, args.rubric)
@@ -369,12 +375,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run the chosen `eval` subcommand; errors are printed as `error: ...` with exit status 2."""
-    from mpo_jax.backends.remote import RemoteBackendError
-
+    """Run the chosen `eval` subcommand; a refused input (`MpoError`) is printed as `error: ...` with exit
+    status 2, anything else keeps its traceback."""
     try:
         return args.eval_func(args)
-    except (FileNotFoundError, ValueError, ImportError, RemoteBackendError) as err:
+    except MpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

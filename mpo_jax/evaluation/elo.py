@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError
+
 DEFAULT_K = 4.0
 DEFAULT_START = 1000.0
 DEFAULT_RUNS = 5
@@ -82,9 +84,9 @@ def expected_score(ra: float, rb: float) -> float:
 def elo_update(ra: float, rb: float, score_a: float, k: float = DEFAULT_K) -> tuple[float, float]:
     """Ratings of a and b after one match in which a scored `score_a` (1 win, 0.5 draw, 0 loss)."""
     if not 0.0 <= score_a <= 1.0:
-        raise ValueError(f"score_a must be in [0, 1], got {score_a!r}")
+        raise InvalidValueError(f"score_a must be in [0, 1], got {score_a!r}")
     if not (isinstance(k, (int, float)) and math.isfinite(k) and k > 0):
-        raise ValueError(f"k must be a positive number, got {k!r}")
+        raise InvalidValueError(f"k must be a positive number, got {k!r}")
     ea = expected_score(ra, rb)
     eb = 1.0 - ea
     return ra + k * (score_a - ea), rb + k * ((1.0 - score_a) - eb)
@@ -93,13 +95,13 @@ def elo_update(ra: float, rb: float, score_a: float, k: float = DEFAULT_K) -> tu
 def _player_names(players: Iterable[str], matches: Sequence[Match]) -> tuple[str, ...]:
     names = tuple(players)
     if len(set(names)) != len(names):
-        raise ValueError(f"player names must be unique, got {list(names)}")
+        raise InvalidValueError(f"player names must be unique, got {list(names)}")
     known = set(names)
     for index, match in enumerate(matches):
         for name in (match.a, match.b):
             if name not in known:
-                raise ValueError(f"match #{index} names player {name!r}, who is not among the players "
-                                 f"{sorted(known)}; add it to the players")
+                raise InvalidValueError(f"match #{index} names player {name!r}, who is not among the players "
+                                        f"{sorted(known)}; add it to the players")
     return names
 
 
@@ -117,10 +119,10 @@ def elo_ratings(results: Sequence[Match], *, runs: int = DEFAULT_RUNS, seed: int
                 start: float = DEFAULT_START, players: Iterable[str] | None = None) -> EloSummary:
     """`runs` tournaments over the same matches, each in its own random order (from `seed`, run)."""
     if not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be a positive integer, got {runs!r}")
+        raise InvalidValueError(f"runs must be a positive integer, got {runs!r}")
     results = list(results)
     if not results:
-        raise ValueError("no match results to rate; judge some pairs first")
+        raise InvalidValueError("no match results to rate; judge some pairs first")
     if players is None:
         players = sorted({m.a for m in results} | {m.b for m in results})
     names = _player_names(players, results)

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_jax.engine.language_model import LanguageModel
 from mpo_jax.fileio import read_jsonl_objects
-from mpo_jax.language_model import LanguageModel
 
 if TYPE_CHECKING:
-    from mpo_jax.config import TrainConfig
-from mpo_jax.sampling import SamplingParams
+    from mpo_jax.train.config import TrainConfig
+from mpo_jax.engine.sampling import SamplingParams
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
 
 _LOG = logging.getLogger(__name__)
 TINY = "tiny-random"
@@ -74,8 +75,8 @@ def find_run_checkpoint(path: str | os.PathLike[str]) -> RunCheckpoint | None:
         return RunCheckpoint(path.parent, None)
     if _is_trainer_config(path / "config.json"):
         if not (path / "checkpoints").is_dir():
-            raise FileNotFoundError(f"run directory {path} has no checkpoints/ folder; train it (with "
-                                    "checkpoints) first, or pass a model path instead")
+            raise MissingFileError(f"run directory {path} has no checkpoints/ folder; train it (with "
+                                   "checkpoints) first, or pass a model path instead")
         return RunCheckpoint(path, None)
     return None
 
@@ -84,7 +85,7 @@ def device_mesh(shape: Sequence[int] | None):
     """A (data, fsdp, tensor) mesh over the first devices, or None for one device."""
     import jax
 
-    from mpo_jax import sharding as sharding_lib
+    from mpo_jax.engine import sharding as sharding_lib
 
     if shape is None:
         return None
@@ -93,8 +94,8 @@ def device_mesh(shape: Sequence[int] | None):
     if size == 1:
         return None
     if size > jax.device_count():
-        raise ValueError(f"mesh {shape} needs {size} devices but {jax.device_count()} are available; pass a "
-                         "smaller mesh (e.g. --mesh 1,1,1)")
+        raise InvalidValueError(f"mesh {shape} needs {size} devices but {jax.device_count()} are available; pass a "
+                                "smaller mesh (e.g. --mesh 1,1,1)")
     return sharding_lib.make_mesh(shape, devices=jax.devices()[:size])
 
 
@@ -102,13 +103,13 @@ def check_model_name(name: str, what: str = "model") -> None:
     """Fail early, naming the accepted forms, when `name` is no preset, path or tiny-random."""
     if name == TINY:
         return
-    from mpo_jax import presets
+    from mpo_jax.engine import presets
 
     try:
         presets.resolve(name)
     except (FileNotFoundError, ValueError) as err:
         hint = f"; a trainer run directory or {TINY!r} also works" if what == "model" else f" ({what})"
-        raise FileNotFoundError(f"{err}{hint}") from None
+        raise MissingFileError(f"{err}{hint}") from None
 
 
 def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None = None,
@@ -117,24 +118,28 @@ def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None 
 
     `mesh` is a (data, fsdp, tensor) shape; None uses the run's own mesh.
     """
-    from mpo_jax.checkpoint import Checkpointer
-    from mpo_jax.config import to_train_config
-    from mpo_jax.model_specs import build_policy_and_state, checkpoint_directory, install_policy_params
+    from mpo_jax.train.checkpoint import Checkpointer
+    from mpo_jax.train.config import to_train_config
+    from mpo_jax.train.model_specs import build_policy_and_state, checkpoint_directory, install_policy_params
 
     run_dir = Path(run_dir).expanduser()
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {run_dir}; pass a run directory written by `mpo-jax train`")
-    config = to_train_config(json.loads(config_path.read_text(encoding="utf-8")))
+        raise MissingFileError(f"no config.json in {run_dir}; pass a run directory written by `mpo-jax train`")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{config_path} is not valid JSON ({err}); it is written by `mpo-jax train`") from None
+    config = to_train_config(data)
     if not config.checkpoint.directory and not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} has no checkpoints/ folder")
+        raise MissingFileError(f"run directory {run_dir} has no checkpoints/ folder")
     policy, _, state = build_policy_and_state(config, device_mesh(config.mesh if mesh is None else mesh))
     checkpointer = Checkpointer(checkpoint_directory(config, run_dir), save_every=config.checkpoint.every,
                                 keep=config.checkpoint.keep)
     try:
         chosen = checkpointer.latest_update() if update is None else update
         if chosen is None:
-            raise FileNotFoundError(f"no finished checkpoint in {run_dir / 'checkpoints'}; train the run first")
+            raise MissingFileError(f"no finished checkpoint in {run_dir / 'checkpoints'}; train the run first")
         state, _ = checkpointer.restore(chosen, state)
     finally:
         checkpointer.close()
@@ -157,9 +162,9 @@ def load_generation_model(model_or_run: LanguageModel | str | os.PathLike[str], 
         label = f"{run.run_dir.name}@{restored.update}"
         return restored.model, label, restored.config.task
     if update is not None:
-        raise ValueError(f"update={update} applies to trainer run directories only; {model_or_run} is not one")
-    from mpo_jax.config import ModelSpec
-    from mpo_jax.model_specs import build_model
+        raise InvalidValueError(f"update={update} applies to trainer run directories only; {model_or_run} is not one")
+    from mpo_jax.train.config import ModelSpec
+    from mpo_jax.train.model_specs import build_model
 
     name = os.fspath(model_or_run)
     check_model_name(name)
@@ -194,14 +199,14 @@ def generate_split(model_or_run: LanguageModel | str | os.PathLike[str], task: s
     from mpo_jax.tasks import get_task, load_records
 
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InvalidValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer (or None for the whole split), got {limit!r}")
+        raise InvalidValueError(f"limit must be a positive integer (or None for the whole split), got {limit!r}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     model, default_label, run_task = load_generation_model(model_or_run, dtype=dtype, update=update, mesh=mesh)
     if task is None:
         if run_task is None:
-            raise ValueError("task is required unless model_or_run is a trainer run directory")
+            raise InvalidValueError("task is required unless model_or_run is a trainer run directory")
         task = run_task
     elif run_task is not None and get_task(task).name != get_task(run_task).name:
         _LOG.warning("the run was trained on %s but is generating for %s", run_task, task)
@@ -211,7 +216,7 @@ def generate_split(model_or_run: LanguageModel | str | os.PathLike[str], task: s
     else:
         records = list(records)[:limit]
     if not records:
-        raise ValueError(f"no {task_obj.name} records to generate for (split {split!r})")
+        raise InvalidValueError(f"no {task_obj.name} records to generate for (split {split!r})")
     label = label or default_label
     rows: list[dict[str, Any]] = []
     for number, chunk in enumerate(_batches(records, batch_size)):
@@ -238,17 +243,17 @@ def read_generations(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a generation JSONL, each checked for a string `response` and a `record` object."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no generation file {path}; write one with `mpo-jax eval generate`")
+        raise MissingFileError(f"no generation file {path}; write one with `mpo-jax eval generate`")
     rows = []
     for number, row in read_jsonl_objects(path):
         if not isinstance(row.get("response"), str):
-            raise ValueError(f"{path}:{number}: each line must be an object with a string \"response\"")
+            raise FileFormatError(f"{path}:{number}: each line must be an object with a string \"response\"")
         if not isinstance(row.get("record"), dict):
-            raise ValueError(f"{path}:{number}: the row needs the task \"record\" (an object), as "
-                             "`mpo-jax eval generate` writes it")
+            raise FileFormatError(f"{path}:{number}: the row needs the task \"record\" (an object), as "
+                                  "`mpo-jax eval generate` writes it")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no generation rows")
+        raise FileFormatError(f"{path} holds no generation rows")
     return rows
 
 
@@ -259,7 +264,7 @@ def row_key(row: Mapping[str, Any]) -> str:
         return f"id:{record_id}"
     if isinstance(row.get("index"), int):
         return f"index:{row['index']}"
-    raise ValueError("a generation row has neither a record id nor an integer index to pair it by")
+    raise FileFormatError("a generation row has neither a record id nor an integer index to pair it by")
 
 
 def dedupe_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.evaluation.elo import Match
 from mpo_jax.tasks import Record, Task, get_task
 from mpo_jax.tasks.base import blocks, fill
@@ -93,23 +94,24 @@ class PairwiseJudge:
 
     def __init__(self, model: Any, task: str | Task, *, mode: str = "auto", batch_size: int = 8,
                  max_response_words: int | None = None):
-        from mpo_jax.language_model import LanguageModel
+        from mpo_jax.engine.language_model import LanguageModel
 
         self.task = get_task(task) if isinstance(task, str) else task
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InvalidValueError(f"mode must be one of {MODES}, got {mode!r}")
         local = isinstance(model, LanguageModel)
         if mode == "auto":
             mode = "choice" if local else "remote"
         if mode in ("choice", "logits") and not local:
-            raise ValueError(f"mode {mode!r} needs a local LanguageModel; use mode='remote' with a RemoteChatModel")
+            raise InvalidValueError(f"mode {mode!r} needs a local LanguageModel; use mode='remote' with a "
+                                    "RemoteChatModel")
         if mode == "remote" and not hasattr(model, "chat_batch_choice"):
             raise TypeError(f"mode 'remote' needs a RemoteChatModel (with chat_batch_choice), got "
                             f"{type(model).__name__}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InvalidValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if max_response_words is not None and max_response_words < 1:
-            raise ValueError(f"max_response_words must be positive (or None), got {max_response_words!r}")
+            raise InvalidValueError(f"max_response_words must be positive (or None), got {max_response_words!r}")
         self.model = model
         self.mode = mode
         self.batch_size = batch_size
@@ -156,7 +158,7 @@ class PairwiseJudge:
             return [Verdict(r if r in OPTIONS else None) for r in replies]
         if self.mode == "logits":
             return self._judge_logits(chats)
-        from mpo_jax.sampling import SamplingParams
+        from mpo_jax.engine.sampling import SamplingParams
 
         constraint, max_new_tokens = self._choice
         out = self.model.sample(chats, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), constraint)
@@ -166,8 +168,8 @@ class PairwiseJudge:
     def _first_option_tokens(self) -> tuple[int, int]:
         ids = [self.model.tokenizer.encode(o, add_bos=False) for o in OPTIONS]
         if not all(ids) or ids[0][0] == ids[1][0]:
-            raise ValueError("the judge's tokenizer does not give 'A' and 'B' distinct first tokens; use "
-                             "mode='choice'")
+            raise InvalidValueError("the judge's tokenizer does not give 'A' and 'B' distinct first tokens; use "
+                                    "mode='choice'")
         return ids[0][0], ids[1][0]
 
     def _last_logits_fn(self):
@@ -188,8 +190,8 @@ class PairwiseJudge:
     def _judge_logits(self, chats: list[list[dict[str, str]]]) -> list[Verdict]:
         import jax.numpy as jnp
 
-        from mpo_jax.rollout import left_pad
-        from mpo_jax.sampling import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
+        from mpo_jax.engine.sampling import BATCH_BUCKETS, PROMPT_BUCKETS, bucket
+        from mpo_jax.train.rollout import left_pad
 
         ids = [self.model.encode_prompt(chat) for chat in chats]
         length = bucket(max(len(i) for i in ids), PROMPT_BUCKETS, "judge prompt length (tokens)")
@@ -229,16 +231,16 @@ def judge_all_pairs(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], 
     both orders. `generations` maps player -> {prompt key: generation row}."""
     players = list(generations)
     if len(players) < 2:
-        raise ValueError(f"a tournament needs at least two players, got {players}")
+        raise InvalidValueError(f"a tournament needs at least two players, got {players}")
     if prompts_per_pair is not None and prompts_per_pair < 1:
-        raise ValueError(f"prompts_per_pair must be positive (or None for all), got {prompts_per_pair!r}")
+        raise InvalidValueError(f"prompts_per_pair must be positive (or None for all), got {prompts_per_pair!r}")
     rng = np.random.default_rng(seed)
     judgments: list[Judgment] = []
     for i, x in enumerate(players):
         for y in players[i + 1:]:
             keys = common_keys(generations, x, y)
             if not keys:
-                raise ValueError(f"{x} and {y} answered no prompt in common; generate both from the same split")
+                raise InvalidValueError(f"{x} and {y} answered no prompt in common; generate both from the same split")
             if prompts_per_pair is not None and prompts_per_pair < len(keys):
                 keys = [keys[j] for j in sorted(rng.choice(len(keys), prompts_per_pair, replace=False))]
             rows_x, rows_y = generations[x], generations[y]

@@ -7,7 +7,7 @@ set of responses:
 
 1. Labelled set: for N train-split prompts, one good response (from a `writer` model, or read
    from a JSONL file) and, for each good response, the code-made hack of every kind in
-   `mpo_jax.evaluation.hacks.HACK_KINDS`. Saved as JSONL and reused by later runs.
+   `mpo_jax.reward.hacks.HACK_KINDS`. Saved as JSONL and reused by later runs.
 2. Score every response with a judge under a rubric. Pairwise accuracy per hack kind: over
    prompts, the fraction where the good response scores above that hack (ties count 0.5).
 3. Repair: hand the scored set to `MetaRewardModel.meta_step` as its buffer, install the new
@@ -29,8 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mpo_jax.evaluation.hacks import HACK_KINDS, make_hack
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
 from mpo_jax.fileio import read_jsonl_objects
+from mpo_jax.reward.hacks import HACK_KINDS, make_hack
 from mpo_jax.rubric import Rubric, RubricError
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import FENCE_NOTE, fenced_task
@@ -67,9 +68,9 @@ class LabelledRow:
 def choose_indices(num_records: int, n: int, seed: int) -> list[int]:
     """A fixed seeded choice of min(n, num_records) distinct indices, in ascending order."""
     if n < 1:
-        raise ValueError(f"the number of prompts must be >= 1, got {n}")
+        raise InvalidValueError(f"the number of prompts must be >= 1, got {n}")
     if num_records < 1:
-        raise ValueError("there are no records to choose prompts from")
+        raise InvalidValueError("there are no records to choose prompts from")
     picked = np.random.default_rng(seed).choice(num_records, size=min(n, num_records), replace=False)
     return sorted(int(i) for i in picked)
 
@@ -91,8 +92,8 @@ def build_labelled_set(task: Task, records: Sequence[Mapping[str, Any]], goods: 
     if len(records) != len(goods):
         raise ValueError(f"got {len(records)} records but {len(goods)} good responses")
     if len(records) < 2:
-        raise ValueError("the labelled set needs at least two prompts (the off_topic hack of one prompt is the "
-                         "good response to another)")
+        raise InvalidValueError("the labelled set needs at least two prompts (the off_topic hack of one prompt is the "
+                                "good response to another)")
     rows: list[LabelledRow] = []
     for i, (record, good) in enumerate(zip(records, goods, strict=True)):
         record = dict(record)
@@ -108,7 +109,7 @@ def build_labelled_set(task: Task, records: Sequence[Mapping[str, Any]], goods: 
 def check_labelled_set(rows: Sequence[LabelledRow]) -> None:
     """Every prompt has exactly one good response and one hack of every kind; ValueError otherwise."""
     if not rows:
-        raise ValueError("the labelled set is empty")
+        raise FileFormatError("the labelled set is empty")
     labels: dict[int, list[str]] = {}
     for row in rows:
         labels.setdefault(row.prompt_index, []).append(row.label)
@@ -117,8 +118,8 @@ def check_labelled_set(rows: Sequence[LabelledRow]) -> None:
         if sorted(found) != wanted:
             missing = sorted(set(wanted) - set(found))
             extra = sorted(label for label in set(found) if found.count(label) > 1 or label not in wanted)
-            raise ValueError(f"prompt {index} of the labelled set has labels {sorted(found)}: missing {missing}, "
-                             f"unexpected or repeated {extra}")
+            raise FileFormatError(f"prompt {index} of the labelled set has labels {sorted(found)}: missing {missing}, "
+                                  f"unexpected or repeated {extra}")
 
 
 def save_labelled_set(rows: Sequence[LabelledRow], path: str | os.PathLike[str], task: str) -> Path:
@@ -135,15 +136,15 @@ def load_labelled_set(path: str | os.PathLike[str], task: Task) -> list[Labelled
     """A saved set, checked to belong to `task` and to be complete."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no labelled set at {path}")
+        raise MissingFileError(f"no labelled set at {path}")
     rows = []
     for number, obj in read_jsonl_objects(path):
         if obj.get("task") not in (None, task.name):
-            raise ValueError(f"{path}:{number}: the row is for task {obj.get('task')!r}, not {task.name!r}")
+            raise FileFormatError(f"{path}:{number}: the row is for task {obj.get('task')!r}, not {task.name!r}")
         if not (isinstance(obj.get("prompt_index"), int) and isinstance(obj.get("record"), dict)
                 and isinstance(obj.get("response"), str) and isinstance(obj.get("label"), str)):
-            raise ValueError(f"{path}:{number}: a labelled-set row needs an integer \"prompt_index\", a \"record\" "
-                             "object and string \"response\" and \"label\"")
+            raise FileFormatError(f"{path}:{number}: a labelled-set row needs an integer \"prompt_index\", a "
+                                  "\"record\" object and string \"response\" and \"label\"")
         rows.append(LabelledRow(obj["prompt_index"], obj["record"], obj["response"], obj["label"]))
     check_labelled_set(rows)
     return rows
@@ -169,19 +170,19 @@ def read_good_responses(path: str | os.PathLike[str], task: Task, n: int, seed: 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no responses file {path}")
+        raise MissingFileError(f"no responses file {path}")
     records, goods = [], []
     for number, obj in read_jsonl_objects(path):
         if obj.get("label", GOOD) != GOOD:
             continue
         if not isinstance(obj.get("response"), str):
-            raise ValueError(f"{path}:{number}: each row needs a string \"response\"")
+            raise FileFormatError(f"{path}:{number}: each row needs a string \"response\"")
         if isinstance(obj.get("record"), dict):
             records.append(obj["record"])
         elif isinstance(obj.get("prompt"), str):
             records.append(task.record_from_prompt(obj["prompt"]))
         else:
-            raise ValueError(f"{path}:{number}: give the task \"record\" (object) or the \"prompt\" (string)")
+            raise FileFormatError(f"{path}:{number}: give the task \"record\" (object) or the \"prompt\" (string)")
         goods.append(obj["response"])
     chosen = choose_indices(len(records), n, seed)
     return [records[i] for i in chosen], [goods[i] for i in chosen]
@@ -190,7 +191,7 @@ def read_good_responses(path: str | os.PathLike[str], task: Task, n: int, seed: 
 # -- scoring ------------------------------------------------------------------------------------
 
 class ScoringJudge(Protocol):
-    """What the benchmark needs from a judge (`mpo_jax.judge.Judge` or a stand-in)."""
+    """What the benchmark needs from a judge (`mpo_jax.reward.judge.Judge` or a stand-in)."""
 
     def score(self, records: Sequence[Any], responses: Sequence[str]) -> np.ndarray: ...
 
@@ -203,7 +204,7 @@ def score_rows(judge: ScoringJudge, rows: Sequence[LabelledRow], batch_size: int
                ) -> tuple[list[float], list[tuple[str, ...]]]:
     """(score, judge rationales) per row; rationales come from `score_detailed` where the judge has it."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
     detailed = getattr(judge, "score_detailed", None)
     scores: list[float] = []
     rationales: list[tuple[str, ...]] = []
@@ -289,10 +290,10 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
     unchanged, so the set is not re-scored. One generator seeded with `seed` drives the MRM's
     sample selection, so configurations scored alike select alike.
     """
-    from mpo_jax.meta import MetaSample
+    from mpo_jax.reward.meta import MetaSample
 
     if meta_steps < 0:
-        raise ValueError(f"meta_steps must be >= 0, got {meta_steps}")
+        raise InvalidValueError(f"meta_steps must be >= 0, got {meta_steps}")
     say = progress or (lambda message: None)
     judge.set_rubric(rubric)
     scores, rationales = score_rows(judge, rows, batch_size)
@@ -340,8 +341,8 @@ def load_rubric(task: Task, spec: str) -> Rubric:
         return task.initial_rubrics[spec]
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"rubric {spec!r} is neither one of the {task.name} rubrics "
-                                f"({', '.join(task.initial_rubrics)}) nor a file")
+        raise MissingFileError(f"rubric {spec!r} is neither one of the {task.name} rubrics "
+                               f"({', '.join(task.initial_rubrics)}) nor a file")
     try:
         return Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
     except RubricError as err:
@@ -358,7 +359,7 @@ def results_table(runs: Mapping[str, Sequence[StepReport]]) -> str:
     """Markdown: rows are hack kinds + mean, columns before / after each meta step per configuration;
     then a mean-score table per label and each meta step's outcome."""
     if not runs:
-        raise ValueError("no configurations to tabulate")
+        raise InvalidValueError("no configurations to tabulate")
     headers, columns = ["hack"], []
     for name, reports in runs.items():
         for report in reports:
@@ -389,6 +390,6 @@ def benchmark_task(name: str) -> Task:
     """A task the benchmark can run: one whose judge scores a rubric of scaled items (not MATH)."""
     task = get_task(name)
     if task.name == "math":
-        raise ValueError("the repair benchmark covers the rubric tasks (essay, summarization, ethics); MATH's "
-                         "judge follows per-subject guidelines instead of a rubric")
+        raise InvalidValueError("the repair benchmark covers the rubric tasks (essay, summarization, ethics); MATH's "
+                                "judge follows per-subject guidelines instead of a rubric")
     return task

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingDependencyError
 from mpo_jax.evaluation.elo import EloSummary
-from mpo_jax.report import markdown_text
+from mpo_jax.train.report import markdown_text
 
 ROUGE_COLUMNS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeLsum": "R-Lsum"}
 # Text made only of these characters cannot start Markdown syntax (intraword "_" is not emphasis).
@@ -48,8 +49,8 @@ def elo_cells_from_json(data: Mapping[str, Any], column: str = "Elo") -> dict[st
         mean, std = data["mean"], data["std"]
         return {p: {column: Cell(mean_std_text(float(mean[p]), float(std[p])), float(mean[p]))} for p in mean}
     except (KeyError, TypeError, ValueError):
-        raise ValueError("the Elo file must hold 'mean' and 'std' per player, as `mpo-jax eval elo` writes "
-                         "elo.json") from None
+        raise FileFormatError("the Elo file must hold 'mean' and 'std' per player, as `mpo-jax eval elo` writes "
+                              "elo.json") from None
 
 
 def metric_cells(scores: Mapping[str, Any]) -> dict[str, Cell]:
@@ -75,7 +76,7 @@ def results_table(rows: Mapping[str, Mapping[str, Cell]], columns: Sequence[str]
                   model_header: str = "Model", bold_best: bool = True) -> str:
     """A Markdown table; the highest value of each column is bold (every tie included)."""
     if not rows:
-        raise ValueError("a results table needs at least one model")
+        raise InvalidValueError("a results table needs at least one model")
     if columns is None:
         columns = list(dict.fromkeys(c for cells in rows.values() for c in cells))
     best = {}
@@ -105,8 +106,8 @@ def plot_ratings(summary: EloSummary, path: str | os.PathLike[str], *, title: st
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError(f"the ratings plot needs matplotlib ({err}); install it with "
-                          "`pip install 'matplotlib>=3.8'`") from err
+        raise MissingDependencyError(f"the ratings plot needs matplotlib ({err}); install it with "
+                                     "`pip install 'matplotlib>=3.8'`") from err
     players = summary.ranking()
     mean, std = summary.mean, summary.std
     fig = Figure(figsize=(max(4.0, 1.2 * len(players) + 2.0), 3.6), dpi=110)

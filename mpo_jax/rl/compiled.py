@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mpo_jax import sharding as sharding_lib
+from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.errors import InvalidValueError, MpoError
 from mpo_jax.rl.batch import RolloutBatch, validate_batch
 from mpo_jax.rl.train_state import TrainState
 
@@ -49,7 +50,7 @@ def place_batch(batch: RolloutBatch, mesh: Mesh | None) -> RolloutBatch:
         return jax.tree.map(jax.numpy.asarray, batch)
     parallel = sharding_lib.batch_parallelism(mesh)
     if batch.batch_size % parallel:
-        raise ValueError(f"batch size {batch.batch_size} must be a multiple of data x fsdp = {parallel}")
+        raise InvalidValueError(f"batch size {batch.batch_size} must be a multiple of data x fsdp = {parallel}")
     spec = batch_spec(mesh)
     return jax.tree.map(lambda x: sharding_lib.place(np.asarray(x), spec), batch)
 
@@ -72,7 +73,7 @@ def compile_rollout_stats(stats_fn: Callable, state: TrainState, mesh: Mesh | No
                    out_shardings=rows)
 
 
-class NonFiniteUpdateError(FloatingPointError):
+class NonFiniteUpdateError(MpoError, FloatingPointError):
     """An update produced NaN/inf and the config says to stop."""
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.rl.kl import ESTIMATORS
 from mpo_jax.rl.rewards import SCORE_POSITIONS
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config key {key!r} {message}")
+        raise InvalidValueError(f"config key {key!r} {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +72,8 @@ class PPOConfig:
     def check_batch_size(self, batch_size: int) -> None:
         per = self.micro_batches_per_update()
         if batch_size % per:
-            raise ValueError(f"batch size {batch_size} must be divisible by num_mini_batches x "
-                             f"gradient_accumulation_steps = {per}")
+            raise InvalidValueError(f"batch size {batch_size} must be divisible by num_mini_batches x "
+                                    f"gradient_accumulation_steps = {per}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,17 +111,6 @@ class GRPOConfig:
     def check_batch_size(self, batch_size: int) -> None:
         per = self.micro_batches_per_update()
         if batch_size % per or batch_size % self.group_size:
-            raise ValueError(f"batch size {batch_size} must be divisible by group_size ({self.group_size}) and "
-                             f"by num_mini_batches x gradient_accumulation_steps = {per}")
+            raise InvalidValueError(f"batch size {batch_size} must be divisible by group_size ({self.group_size}) and "
+                                    f"by num_mini_batches x gradient_accumulation_steps = {per}")
 
-
-def from_dict(cls: type, data: dict[str, Any]):
-    """Build a config from a plain dict, naming unknown keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
-    data = dict(data)
-    if isinstance(data.get("optimizer"), dict):
-        data["optimizer"] = from_dict(OptimizerConfig, data["optimizer"])
-    return cls(**data)

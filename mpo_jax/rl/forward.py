@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mpo_jax.rl.losses import entropy_from_logits, token_logprobs
+from mpo_jax.rl.losses import token_logprobs
 
 
 def response_hidden(model, query, query_mask, response, response_mask, *, adapters: bool = True):
@@ -21,15 +21,11 @@ def response_hidden(model, query, query_mask, response, response_mask, *, adapte
     return hidden[:, p - 1:p + r - 1]
 
 
-def response_logprobs(model, batch_like, temperature: float, *, adapters: bool = True,
-                      with_entropy: bool = False):
+def response_logprobs(model, batch_like, temperature: float, *, adapters: bool = True):
     hidden = response_hidden(model, batch_like.query, batch_like.query_mask, batch_like.response,
                              batch_like.response_mask, adapters=adapters)
     logits = model.logits_from_hidden(hidden, adapters=adapters)
-    logprobs = token_logprobs(logits, batch_like.response, temperature)
-    if with_entropy:
-        return logprobs, entropy_from_logits(logits, temperature)
-    return logprobs
+    return token_logprobs(logits, batch_like.response, temperature)
 
 
 def response_values(model, batch_like) -> jax.Array:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mpo_jax.errors import InvalidValueError
+
 ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -21,4 +23,4 @@ def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "
         return 0.5 * jnp.square(log_ratio)
     if estimator == "k3":
         return jnp.expm1(log_ratio) - log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {ESTIMATORS}")
+    raise InvalidValueError(f"unknown KL estimator {estimator!r}; choose one of {ESTIMATORS}")

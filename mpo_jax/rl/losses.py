@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.rl.kl import kl_estimate
 from mpo_jax.rl.masked import masked_mean
 
@@ -71,7 +72,7 @@ def grpo_loss(new_logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs: ja
     elif loss_type == "dr_grpo":
         loss = jnp.sum(per_token * maskf) / (mask.shape[0] * mask.shape[1])
     else:
-        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose grpo, bnpo or dr_grpo")
+        raise InvalidValueError(f"unknown GRPO loss_type {loss_type!r}; choose grpo, bnpo or dr_grpo")
     clipped = (ratio < 1.0 - cliprange) & (adv < 0) | (ratio > 1.0 + high) & (adv > 0)
     return loss, dict(clipfrac=masked_mean(clipped.astype(jnp.float32), mask), kl=masked_mean(kl, mask),
                       ratio=masked_mean(ratio, mask))

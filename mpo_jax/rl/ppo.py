@@ -5,7 +5,7 @@
     state, metrics = ppo_update(state, batch, rng)
 
 Both are built by `make_*` from a static config and jitted by `compile_*` with explicit
-shardings (`mpo_jax.rl.sharded`). Reward shaping, GAE and advantage whitening happen inside the
+shardings (`mpo_jax.rl.compiled`). Reward shaping, GAE and advantage whitening happen inside the
 update on the whole local batch, as TRL does.
 """
 

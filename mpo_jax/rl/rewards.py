@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.rl.kl import kl_estimate
 from mpo_jax.rl.masked import masked_whiten
 
@@ -43,7 +44,7 @@ def score_index(seq_len: jax.Array, length: int, position: str = "after_last_tok
         return jnp.where(seq_len + 1 < length, seq_len + 1, seq_len)
     if position == "last_token":
         return jnp.maximum(seq_len, 0)
-    raise ValueError(f"unknown score position {position!r}; choose one of {SCORE_POSITIONS}")
+    raise InvalidValueError(f"unknown score position {position!r}; choose one of {SCORE_POSITIONS}")
 
 
 def apply_missing_eos_penalty(scores: jax.Array, contains_eos: jax.Array, penalty: float | None) -> jax.Array:

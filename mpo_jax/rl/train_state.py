@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.transformer import LoRAParam
 from mpo_jax.rl.config import OptimizerConfig
 
@@ -86,10 +87,10 @@ def create_train_state(policy: Any, critic: Any | None, config: OptimizerConfig,
     """
     lora = policy.config.lora_rank > 0
     if critic is None and needs_values and not policy.config.value_head:
-        raise ValueError("without a separate critic the policy needs a value head: "
-                         "load it with value_head=True, or pass a critic model")
+        raise InvalidValueError("without a separate critic the policy needs a value head: "
+                                "load it with value_head=True, or pass a critic model")
     if critic is not None and not critic.config.value_head:
-        raise ValueError("the critic needs a value head: load it with value_head=True")
+        raise InvalidValueError("the critic needs a value head: load it with value_head=True")
     policy_role, policy_params = split_role(policy.graphdef, policy.params, lora=lora)
     params = {"policy": policy_params}
     critic_role = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.tasks import essay, ethics, math_reasoning, summarization
 from mpo_jax.tasks.base import GateResult, Messages, Record, Task, join_criteria_sets
 from mpo_jax.tasks.data import default_data_dir, load_records
@@ -37,4 +38,4 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[key]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+        raise InvalidValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None

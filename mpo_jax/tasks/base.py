@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import DEFAULT_LIMITS, SCALE_FORM, Rubric, RubricLimits
 
 Record = Mapping[str, Any]
@@ -90,9 +91,9 @@ def field_text(record: Record, key: str, task: str) -> str:
         value = record[key]
     except (KeyError, TypeError):
         present = ", ".join(sorted(map(str, record))) if isinstance(record, Mapping) else type(record).__name__
-        raise ValueError(f"{task} record lacks field {key!r} (has: {present})") from None
+        raise InvalidValueError(f"{task} record lacks field {key!r} (has: {present})") from None
     if not isinstance(value, str):
-        raise ValueError(f"{task} record field {key!r} must be a str, got {type(value).__name__}")
+        raise InvalidValueError(f"{task} record field {key!r} must be a str, got {type(value).__name__}")
     return value
 
 
@@ -340,7 +341,7 @@ class Task:
         out, as in the original, which caps only each criterion (`meta_item_request`).
         """
         if max_words < 0:
-            raise ValueError(f"max_words must be >= 0, got {max_words}")
+            raise InvalidValueError(f"max_words must be >= 0, got {max_words}")
         prompt = fill(META_MERGE, task_block=block("Task Description", self.task_description),
                       sets_block=block("Criteria Sets", sets_text), scale_form=SCALE_FORM)
         return prompt + "\n\n" + fill(META_MERGE_WORDS, max_words=str(max_words)) if max_words else prompt

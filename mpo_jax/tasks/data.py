@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpo_jax.errors import InvalidValueError, MissingFileError
 from mpo_jax.fileio import iter_jsonl_objects
 
 if TYPE_CHECKING:
@@ -27,11 +28,11 @@ def load_records(task: str | Task, split: str, data_dir: str | os.PathLike[str] 
 
     task_obj = get_task(task) if isinstance(task, str) else task
     if not _SPLIT_RE.fullmatch(split):
-        raise ValueError(f"split must be a plain name such as 'train' or 'test', got {split!r}")
+        raise InvalidValueError(f"split must be a plain name such as 'train' or 'test', got {split!r}")
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     path = root / task_obj.data_folder / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no {task_obj.name} data at {path}; pass --data-dir DIR (the folder holding "
             f"{task_obj.data_folder}/{split}.jsonl), or data_dir=DIR in Python")
     records: list[dict[str, Any]] = []

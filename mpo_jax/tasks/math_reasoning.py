@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import Rubric, RubricLimits
 from mpo_jax.tasks.base import GateResult, Record, Task, block, field_text, fill, format_score, word_count
 from mpo_jax.tasks.math_answer import first_boxed_content, is_equiv
@@ -98,7 +99,7 @@ def gold_answer(record: Record, *, rule: str = "first") -> str | None:
     2,500 local records, all solutions with several boxes.
     """
     if rule not in ("first", "answer"):
-        raise ValueError(f"unknown gold-answer rule {rule!r}; choose 'first' or 'answer'")
+        raise InvalidValueError(f"unknown gold-answer rule {rule!r}; choose 'first' or 'answer'")
     solution = record.get("solution")
     if rule == "first" and isinstance(solution, str):
         boxed = first_boxed_content(solution)
@@ -130,7 +131,8 @@ def answer_check(record: Record, response: str) -> GateResult:
         return gated
     gold = gold_answer(record)
     if gold is None:
-        raise ValueError(f"math record {record.get('id', '?')!r} has no gold answer (no boxed solution or 'answer')")
+        raise InvalidValueError(f"math record {record.get('id', '?')!r} has no gold answer (no boxed solution or "
+                                "'answer')")
     student = first_boxed_content(response)
     if student is None or not student.strip():
         return GateResult(0.0, "The solution has no final answer inside \\boxed{ }.")
@@ -143,7 +145,7 @@ def subject_id(record: Record) -> int:
     """The MATH subject index (algebra 0 … precalculus 6), from `subject` or the `id` prefix."""
     subject = record.get("subject") or str(record.get("id", "")).split("/", 1)[0]
     if subject not in MATH_SUBJECTS:
-        raise ValueError(f"unknown MATH subject {subject!r}; expected one of {MATH_SUBJECTS}")
+        raise InvalidValueError(f"unknown MATH subject {subject!r}; expected one of {MATH_SUBJECTS}")
     return MATH_SUBJECTS.index(subject)
 
 

@@ -1,0 +1,14 @@
+"""The LM engine: load a model, tokenize, sample, chat; no training and no rubrics.
+
+- `language_model`: `load_model`, `from_random`, `LanguageModel` (logits, generate, sample, chat)
+- `tokenizer`: one `Tokenizer` over HF `tokenizers`, GGUF vocabularies and SentencePiece
+- `sampling`: the jitted `Sampler` and `SamplingParams`; `constraints`: constrained decoding
+- `chat_session`: batched multi-turn programs on a local model or a remote endpoint
+- `sharding`: `(data, fsdp, tensor)` meshes and parameter placement
+- `presets`: named models resolved to shipped files; `tiny`: the tiny random model for tests
+- `remote`: `RemoteChatModel`, an OpenAI-compatible endpoint standing in for a local model
+- `compilation`: `count_compilations()`
+
+It is built on `mpo_jax.models` (the Flax architectures and weight converters) and imports
+nothing above it; see docs/architecture.md for the layers.
+"""

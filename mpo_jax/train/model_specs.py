@@ -1,0 +1,82 @@
+"""Building the run's models (policy, critic, judge, meta model) from their config specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jax.sharding import Mesh
+
+from mpo_jax.engine import presets
+from mpo_jax.engine.language_model import LanguageModel, from_random, load_model
+from mpo_jax.train.config import ConfigError, ModelSpec, RemoteSpec, TrainConfig
+
+TINY = "tiny-random"
+
+
+def check_model_available(spec: ModelSpec, key: str) -> None:
+    """Fail before anything compiles when a model cannot be found (no download is attempted)."""
+    if spec.name == TINY:
+        return
+    try:
+        presets.resolve(spec.name)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"config.{key}.name = {spec.name!r}: {err} (or {TINY!r} for a tiny random model)") from None
+
+
+def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False, trainable: bool = False,
+                **sampler_kwargs: Any) -> LanguageModel:
+    """A `LanguageModel` for `spec`; LoRA adapters only for trainable models with lora_rank > 0."""
+    lora_rank = spec.lora_rank if trainable else 0
+    if spec.name == TINY:
+        from mpo_jax.engine.tiny import tiny_model_config, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer(spec.tiny_vocab_size)
+        config = tiny_model_config(tokenizer, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
+                                   dtype=spec.dtype, param_dtype=spec.dtype, remat=spec.remat,
+                                   remat_policy=spec.remat_policy, value_head=value_head,
+                                   lora_rank=lora_rank, lora_alpha=spec.lora_alpha,
+                                   lora_targets=tuple(spec.lora_targets))
+        return from_random(config, tokenizer, seed=spec.seed, mesh=mesh, **sampler_kwargs)
+    return load_model(spec.name, dtype=spec.dtype, mesh=mesh, value_head=value_head, remat=spec.remat,
+                      remat_policy=spec.remat_policy,
+                      lora_rank=lora_rank, lora_alpha=spec.lora_alpha, lora_targets=tuple(spec.lora_targets),
+                      **sampler_kwargs)
+
+
+def build_remote(spec: RemoteSpec):
+    from mpo_jax.engine.remote import RemoteChatModel
+
+    return RemoteChatModel(spec.base_url, spec.model, api_key_env=spec.api_key_env or None,
+                           timeout_s=spec.timeout_s, max_retries=spec.max_retries, max_concurrency=spec.concurrency)
+
+
+def build_policy_and_state(config: TrainConfig, mesh: Mesh | None):
+    """(policy, separate critic or None, TrainState placed on `mesh`) exactly as the trainer builds them.
+
+    PPO's critic is a value head on the policy trunk unless `critic.name` names a separate model;
+    GRPO has none. Export and evaluation rebuild runs through this too, so a checkpoint always
+    restores into the same parameter tree.
+    """
+    from mpo_jax.rl import create_train_state, place_state
+
+    grpo = config.algorithm == "grpo"
+    separate_critic = bool(config.critic.name) and not grpo
+    policy = build_model(config.policy, mesh, value_head=not grpo and not separate_critic, trainable=True)
+    critic = build_model(config.critic, mesh, value_head=True, trainable=True) if separate_critic else None
+    state = create_train_state(policy, critic, config.update_config.optimizer, needs_values=not grpo)
+    return policy, critic, place_state(state, mesh)
+
+
+def install_policy_params(policy: LanguageModel, state) -> None:
+    """Point the policy (and its sampler) at the state's current weights, trainable and frozen merged."""
+    from flax import nnx
+
+    params = nnx.state(state.policy.merge(state.params["policy"]))
+    policy.params = params
+    policy.sampler.params = params
+
+
+def checkpoint_directory(config: TrainConfig, run_dir: str | Path) -> str | Path:
+    """Where a run's checkpoints live: `checkpoint.directory` (may be gs://) or RUN_DIR/checkpoints."""
+    return config.checkpoint.directory or Path(run_dir) / "checkpoints"

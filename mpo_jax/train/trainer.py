@@ -1,0 +1,516 @@
+"""The MPO loop: rollouts, judge scores, PPO/GRPO updates, and meta steps that rewrite the rubric.
+
+    for update in 1..N:
+        prompts  <- data iterator (per process, gathered into the global batch)
+        rollouts <- policy sampler (current params)
+        stats    <- old/ref log-probs and values          (jit)
+        scores   <- judge(rubric tokens as an array input) (jit, rubric prefix cached)
+        state    <- ppo_update(state, batch, rng)          (jit, explicit shardings, donated)
+        buffer   += rollouts
+        every meta.interval updates: rubric <- meta step (MRM, compiled separately); judge.set_rubric
+        checkpoint every checkpoint.every updates and on SIGTERM
+
+Randomness is derived from (seed, update), so a resumed run repeats exactly what the
+uninterrupted run would have done. Only process 0 writes files; all processes run the same
+jitted calls and install the same rubric (process 0's, broadcast).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mpo_jax.data import PromptIterator, prepare_task_source
+from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.fileio import atomic_write_text
+from mpo_jax.reward.judge import Judge, RubricTooLongError
+from mpo_jax.reward.meta import KEPT_REASONS, MetaRewardModel, MetaSample, math_meta_step
+from mpo_jax.reward.rubric_history import RubricHistory
+from mpo_jax.rl import (
+    RolloutBatch,
+    check_finite,
+    compile_rollout_stats,
+    compile_update,
+    make_grpo_update,
+    make_ppo_update,
+    make_rollout_stats,
+    place_batch,
+)
+from mpo_jax.rubric import Rubric, RubricError
+from mpo_jax.tasks import MathTask, get_task, load_records
+from mpo_jax.tasks.base import fenced_task
+from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
+from mpo_jax.train import distributed
+from mpo_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig, to_dict
+from mpo_jax.train.evaluator import TrainingEvaluator, held_out_records
+from mpo_jax.train.evaluator import append_rows as append_eval_rows
+from mpo_jax.train.evaluator import truncate_rows as truncate_eval_rows
+from mpo_jax.train.metrics import MetricsWriter
+from mpo_jax.train.model_specs import (
+    build_model,
+    build_policy_and_state,
+    build_remote,
+    check_model_available,
+    checkpoint_directory,
+    install_policy_params,
+)
+from mpo_jax.train.rollout import Rollouts, sample_rollouts
+
+_LOG = logging.getLogger(__name__)
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def check_resources(config: TrainConfig) -> None:
+    """What can fail without compiling: devices for the mesh, model files, data files."""
+    devices = jax.device_count()
+    size = math.prod(config.mesh)
+    if devices % size or (size < devices and jax.process_count() > 1):
+        raise ConfigError(f"config.mesh = {config.mesh} uses {size} devices but {devices} are available; choose "
+                          f"(data, fsdp, tensor) sizes whose product is {devices}"
+                          + (" (or divides it, on one host)" if jax.process_count() == 1 else ""))
+    check_model_available(config.policy, "policy")
+    if config.critic.name:
+        check_model_available(config.critic, "critic")
+    if not config.judge.remote.base_url:
+        check_model_available(config.judge.model, "judge.model")
+    if config.meta.enabled and config.meta.model.name and not config.meta.remote.base_url:
+        check_model_available(config.meta.model, "meta.model")
+    task = get_task(config.task)
+    data_dir = Path(config.data.data_dir) if config.data.data_dir else None
+    if config.data.source == "jsonl":
+        from mpo_jax.tasks.data import default_data_dir
+
+        path = (data_dir or default_data_dir()) / task.data_folder / f"{config.data.split}.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"config.data.data_dir: no {task.name} data at {path}; set --config.data.data_dir=DIR "
+                              f"to the folder that holds {task.data_folder}/{config.data.split}.jsonl")
+    rubrics = [("judge.initial_rubric", config.judge.initial_rubric)]
+    if config.eval.every:
+        rubrics.append(("eval.judge_rubric", eval_rubric_name(config)))
+        if config.eval.judge.name:
+            check_model_available(config.eval.judge, "eval.judge")
+        if config.data.source == "jsonl":
+            from mpo_jax.tasks.data import default_data_dir
+
+            path = (data_dir or default_data_dir()) / task.data_folder / f"{config.eval.split}.jsonl"
+            if not path.is_file():
+                raise ConfigError(f"config.eval.split: no {task.name} data at {path}; set --config.eval.split or "
+                                  f"--config.data.data_dir, or turn evaluation off with --config.eval.every=0")
+    for key, name in rubrics:
+        if name not in task.initial_rubrics and not Path(name).is_file():
+            raise ConfigError(f"config.{key} = {name!r} is neither one of this task's rubrics "
+                              f"({', '.join(task.initial_rubrics)}) nor a rubric file")
+        try:
+            load_rubric(task.name, name)
+        except RubricError as err:
+            raise ConfigError(f"config.{key} = {name!r}: {err}") from None
+
+
+def make_run_mesh(config: TrainConfig):
+    size = math.prod(config.mesh)
+    if size == 1:
+        return None
+    return sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:size])
+
+
+def load_rubric(task_name: str, name: str) -> Rubric:
+    """One of the task's shipped rubrics by name, or a rubric file (checked against the task's limits)."""
+    task = get_task(task_name)
+    if name in task.initial_rubrics:
+        return task.initial_rubrics[name]
+    try:
+        return Rubric.parse(Path(name).read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
+    except RubricError as err:
+        raise RubricError(f"rubric file {name}: {err}") from None
+
+
+def initial_rubric(config: TrainConfig) -> Rubric:
+    return load_rubric(config.task, config.judge.initial_rubric)
+
+
+def eval_rubric_name(config: TrainConfig) -> str:
+    """The independent judge's fixed rubric: as configured, else the task's oracle, expert or iter0."""
+    if config.eval.judge_rubric:
+        return config.eval.judge_rubric
+    shipped = get_task(config.task).initial_rubrics
+    return next(name for name in ("oracle", "expert", "iter0") if name in shipped)
+
+
+class Trainer:
+    """One MPO (or fixed-rubric PPO/GRPO) run, resumable from its run directory."""
+
+    def __init__(self, config: TrainConfig):
+        check_resources(config)
+        self.config = config
+        self.task = get_task(config.task)
+        self.run_dir = Path(config.run_dir)
+        self.is_main = distributed.is_main()
+        self.mesh = make_run_mesh(config)
+        self.grpo = config.algorithm == "grpo"
+        self.update_config = config.update_config
+        self.rollouts_per_update = config.rollouts_per_update
+
+        self.policy, _, self.state = build_policy_and_state(config, self.mesh)
+        self.judge_model = (build_remote(config.judge.remote) if config.judge.remote.base_url
+                            else build_model(config.judge.model, self.mesh))
+        if config.meta.remote.base_url:
+            meta_model = build_remote(config.meta.remote)
+        elif config.meta.model.name and config.meta.model != config.judge.model:
+            meta_model = build_model(config.meta.model, self.mesh)
+        else:
+            meta_model = self.judge_model
+
+        self._judge_tokenizer = getattr(self.judge_model, "tokenizer", None) or self.policy.tokenizer
+        # Task limits throughout: MATH guidelines may be far longer than a rubric item.
+        self.history = RubricHistory(initial_rubric(config), reason="initial rubric", limits=self.task.rubric_limits)
+        initial_tokens = len(self._judge_tokenizer.encode(self.history.current.render(), add_bos=False))
+        self.judge_task = fenced_task(self.task) if config.judge.fence else self.task
+        self.judge = Judge(self.judge_model, task=self.judge_task, mode=config.judge.mode,
+                           max_rubric_tokens=config.judge_rubric_tokens(initial_tokens),
+                           aggregate=config.judge.aggregate, rationale_tokens=config.judge.rationale_tokens,
+                           plan_tokens=config.judge.plan_tokens,
+                           max_items=max(config.judge_max_items, self.history.current.num_items),
+                           item_turn_tokens=config.judge.item_turn_tokens, seed=config.seed)
+        m = config.meta
+        self.mrm = MetaRewardModel(meta_model, task=self.task, num_samples=m.num_samples, prescreen=m.prescreen,
+                                   analysis_words=m.analysis_words, item_words=m.item_words,
+                                   analysis_tokens=m.analysis_tokens, item_tokens=m.item_tokens,
+                                   max_items=m.max_items, merge_words=m.merge_words,
+                                   merged_rubric_words=m.merged_rubric_words, guideline_tokens=m.guideline_tokens,
+                                   sense_check=m.sense_check, max_copied_fraction=m.max_copied_fraction,
+                                   temperature=m.temperature)
+        self.judge.set_rubric(self.history.current)
+        # Meta steps that kept the rubric, by reason (cumulative, checkpointed): a run whose rubric
+        # never changes shows why in its metrics.
+        self.kept_reasons: dict[str, int] = dict.fromkeys(KEPT_REASONS, 0)
+        self.buffer: list[MetaSample] = []
+        # MATH: one guideline per subject, refined by its own meta step (no merge).
+        self.is_math = isinstance(self.task, MathTask)
+        self.guidelines: dict[int, Rubric] = {}
+
+        tfds_dir = config.data.tfds_dir or str(self.run_dir / "tfds")
+        self.source = prepare_task_source(self.task.name, config.data.split, data_dir=config.data.data_dir or None,
+                                          tfds_dir=tfds_dir, source=config.data.source)
+        processes = jax.process_count()
+        if config.data.batch_size % processes:
+            raise ConfigError(f"config.data.batch_size = {config.data.batch_size} must be a multiple of the "
+                              f"{processes} processes")
+        self.iterator = PromptIterator(self.source, self.encode_record, batch_size=config.data.batch_size // processes,
+                                       max_prompt_tokens=config.data.max_prompt_tokens, seed=config.seed,
+                                       shuffle=config.data.shuffle, process_index=jax.process_index(),
+                                       process_count=processes)
+
+        self.rollout_stats = compile_rollout_stats(make_rollout_stats(self.update_config.temperature), self.state,
+                                                   self.mesh)
+        update_fn = make_grpo_update(self.update_config) if self.grpo else make_ppo_update(self.update_config)
+        self.update_step = compile_update(update_fn, self.state, self.mesh)
+        self.evaluator = self._build_evaluator() if config.eval.every else None
+        self.checkpointer = Checkpointer(checkpoint_directory(config, self.run_dir),
+                                         save_every=config.checkpoint.every,
+                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        self.update = 0  # updates completed
+
+    def _build_evaluator(self) -> TrainingEvaluator:
+        """The held-out prompts, the training judge and an independent judge (see EvalSpec)."""
+        cfg, spec = self.config, self.config.eval
+        records = [r for r in load_records(self.task, spec.split, cfg.data.data_dir or None)
+                   if len(self.encode_record(r)) <= cfg.data.max_prompt_tokens]
+        independent = None
+        if spec.independent_judge:
+            model = build_model(spec.judge, self.mesh) if spec.judge.name else self.judge_model
+            rubric = load_rubric(self.task.name, eval_rubric_name(cfg))
+            tokens = len((getattr(model, "tokenizer", None) or self._judge_tokenizer).encode(rubric.render(),
+                                                                                              add_bos=False))
+            independent = Judge(model, task=self.judge_task, mode=spec.judge_mode,
+                                max_rubric_tokens=-(-(tokens + RUBRIC_HEADROOM_TOKENS) // 256) * 256,
+                                aggregate=cfg.judge.aggregate, rationale_tokens=cfg.judge.rationale_tokens,
+                                plan_tokens=cfg.judge.plan_tokens, max_items=max(len(rubric.items), 1),
+                                item_turn_tokens=cfg.judge.item_turn_tokens, seed=cfg.seed + 1)
+            independent.set_rubric(rubric)
+        return TrainingEvaluator(self.policy, self.task, held_out_records(records, spec.num_prompts, spec.seed),
+                                 judge=self.judge, independent_judge=independent,
+                                 max_new_tokens=spec.max_new_tokens or cfg.rollout.max_new_tokens,
+                                 temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
+
+    def _evaluate(self, update: int) -> dict[str, float]:
+        start = time.perf_counter()
+        self._sync_policy_params()
+        result = self.evaluator.evaluate(update)
+        if self.is_main:
+            append_eval_rows(self.run_dir, result.rows)
+        return {**result.metrics, "time/eval_s": time.perf_counter() - start}
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def encode_record(self, record: dict) -> list[int]:
+        return self.policy.encode_prompt(self.task.policy_prompt(record))
+
+    def _sync_policy_params(self) -> None:
+        """Point the sampler at the current weights (the update donates the previous buffers)."""
+        install_policy_params(self.policy, self.state)
+
+    def _global_prompts(self) -> tuple[list[dict], list[list[int]]]:
+        local = self.iterator.next()
+        indices = distributed.gather_rows(np.asarray(local.indices, np.int64))
+        records = [self.source[int(i)] for i in indices]
+        prompt_ids = [self.encode_record(r) for r in records]
+        if self.grpo:
+            g = self.config.grpo.group_size
+            records = [r for r in records for _ in range(g)]
+            prompt_ids = [p for p in prompt_ids for _ in range(g)]
+        return records, prompt_ids
+
+    def _judge(self, rollouts: Rollouts, update: int) -> tuple[np.ndarray, list]:
+        self.judge._rng = np.random.default_rng([self.config.seed, update, 1])
+        results = self.judge.score_detailed(rollouts.records, rollouts.texts)
+        return np.array([r.score for r in results], np.float32), results
+
+    def _batch(self, rollouts: Rollouts, scores: np.ndarray) -> RolloutBatch:
+        put = (lambda x: sharding_lib.place(x, sharding_lib.batch_sharding(self.mesh, x.shape))) if self.mesh \
+            else jax.numpy.asarray
+        stats = self.rollout_stats(self.state, put(rollouts.query), put(rollouts.query_mask), put(rollouts.response),
+                                   put(rollouts.response_mask))
+        stats = {k: sharding_lib.to_host(v) for k, v in stats.items()}
+        return place_batch(RolloutBatch(query=rollouts.query, query_mask=rollouts.query_mask,
+                                        response=rollouts.response, response_mask=rollouts.response_mask,
+                                        logprobs=stats["logprobs"], ref_logprobs=stats["ref_logprobs"],
+                                        values=stats["values"], scores=scores, contains_eos=rollouts.contains_eos),
+                           self.mesh)
+
+    def _math_meta_step(self, update: int) -> dict[str, float]:
+        """Per MATH subject seen since the last meta step: refine its guideline (§A.3)."""
+        start = time.perf_counter()
+        seen = sorted({_subject(s.record) for s in self.buffer} - {None})
+        current = {g: self.guidelines.get(g, self.history.current) for g in seen}
+        updates = math_meta_step(self.mrm, current, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
+                                 group_of=_subject, step=update) if current else {}
+        proposed = {str(g): u.guideline.render() for g, u in updates.items() if u.accepted}
+        proposed = json.loads(distributed.broadcast_text(json.dumps(proposed, sort_keys=True)))
+        for group, text in proposed.items():
+            self.guidelines[int(group)] = Rubric.parse(text, limits=self.task.rubric_limits, task=self.task.name)
+        self._install_guidelines()
+        if self.is_main:
+            record = {"update": update, "groups": {MATH_SUBJECTS[g]: {
+                "accepted": u.accepted, "reason": u.reason, "guideline": self.guidelines.get(g, u.guideline).render(),
+                "analysis": u.analysis, "refinement": u.refinement, "cases": u.cases} for g, u in updates.items()}}
+            path = self.run_dir / f"meta_evaluation_{update}.json"
+            path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+            for g, rubric in self.guidelines.items():
+                (self.run_dir / f"guideline_{MATH_SUBJECTS[g]}.txt").write_text(rubric.render() + "\n")
+        self.buffer = []
+        kept = sum(not u.accepted for u in updates.values())
+        self.kept_reasons["guideline_rejected"] = self.kept_reasons.get("guideline_rejected", 0) + kept
+        return {"meta/step": 1.0, "meta/accepted": float(len(proposed)), **self._kept_metrics(),
+                "time/meta_s": time.perf_counter() - start}
+
+    def _kept_metrics(self) -> dict[str, float]:
+        return {f"meta/kept/{reason}": float(count) for reason, count in sorted(self.kept_reasons.items())}
+
+    def _install_guidelines(self) -> None:
+        self.judge.guidelines = {g: "\n\n".join(r.items) for g, r in self.guidelines.items()}
+
+    def _meta_step(self, update: int) -> dict[str, float]:
+        if self.is_math:
+            return self._math_meta_step(update)
+        start = time.perf_counter()
+        rubric = self.history.current
+        result = self.mrm.meta_step(rubric, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
+                                    step=update, fits=self.judge.fits)
+        text = distributed.broadcast_text(result.rubric.render() if result.accepted else "")
+        accepted = False
+        if text:
+            try:
+                candidate = Rubric.parse(text, limits=self.history.limits, task=self.task.name)
+                self.judge.set_rubric(candidate)
+                self.history.append(candidate, reason=result.reason, created_step=update)
+                self.judge.set_rubric(self.history.current)
+                accepted = True
+            except (RubricError, RubricTooLongError) as err:
+                self.judge.set_rubric(rubric)
+                self.history.reject(text, reason="the judge cannot take the new rubric", error=str(err),
+                                    created_step=update)
+                self.kept_reasons["judge_refused"] = self.kept_reasons.get("judge_refused", 0) + 1
+        else:
+            self.history.reject(result.merged_text or None, reason="meta step kept the rubric", error=result.reason,
+                                created_step=update)
+            self.kept_reasons[result.reason_code] = self.kept_reasons.get(result.reason_code, 0) + 1
+        _LOG.info("update %d: meta step %s", update, f"installed rubric iteration {self.history.current.iteration}"
+                  if accepted else f"kept the rubric ({result.reason})")
+        if self.is_main:
+            result.save(self.run_dir, update, self.buffer)
+            self.history.save(self.run_dir)
+        self.buffer = []
+        return {"meta/step": 1.0, "meta/accepted": float(accepted), **self._kept_metrics(),
+                "time/meta_s": time.perf_counter() - start}
+
+    def _host_state(self) -> dict[str, Any]:
+        return {"update": self.update, "data": self.iterator.get_state(), "rubric_history": self.history.to_json(),
+                "kept_reasons": dict(self.kept_reasons),
+                "math_guidelines": {str(g): r.render() for g, r in self.guidelines.items()},
+                "meta_buffer": [{"record": s.record, "response": s.response, "score": s.score,
+                                 "rationales": list(s.rationales)} for s in self.buffer]}
+
+    def _restore(self) -> None:
+        latest = self.checkpointer.latest_update()
+        if latest is None:
+            return
+        self.state, host = self.checkpointer.restore(latest, self.state)
+        self.update = int(host["update"])
+        self.iterator.set_state(host["data"])
+        self.history = RubricHistory.from_json(host["rubric_history"])
+        self.judge.set_rubric(self.history.current)
+        self.kept_reasons.update({str(k): int(v) for k, v in host.get("kept_reasons", {}).items()})
+        self.guidelines = {int(g): Rubric.parse(text, limits=self.task.rubric_limits, task=self.task.name)
+                           for g, text in host.get("math_guidelines", {}).items()}
+        self._install_guidelines()
+        self.buffer = [MetaSample(record=s["record"], response=s["response"], score=float(s["score"]),
+                                  rationales=tuple(s["rationales"])) for s in host["meta_buffer"]]
+        _LOG.info("resumed from update %d (rubric iteration %d)", self.update, self.history.current.iteration)
+
+    def _write_rollouts(self, update: int, rollouts: Rollouts, scores: np.ndarray) -> None:
+        count = min(self.config.log.rollouts_per_update, len(rollouts.texts))
+        with (self.run_dir / ROLLOUTS_FILE).open("a", encoding="utf-8") as handle:
+            for i in range(count):
+                handle.write(json.dumps({"update": update, "prompt": self.task.prompt_text(rollouts.records[i]),
+                                         "response": rollouts.texts[i], "score": float(scores[i]),
+                                         "rubric_iteration": self.history.current.iteration},
+                                        ensure_ascii=False) + "\n")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_step(self, update: int) -> dict[str, float]:
+        """Update number `update` (1-based): rollouts, scores, one PPO/GRPO update."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        records, prompt_ids = self._global_prompts()
+        self._sync_policy_params()
+        rollouts = sample_rollouts(self.policy, records, prompt_ids, query_length=cfg.data.max_prompt_tokens,
+                                   max_new_tokens=cfg.rollout.max_new_tokens,
+                                   temperature=self.update_config.temperature, top_p=cfg.rollout.top_p,
+                                   top_k=cfg.rollout.top_k, seed=cfg.seed * 1_000_003 + update)
+        t1 = time.perf_counter()
+        scores, results = self._judge(rollouts, update)
+        t2 = time.perf_counter()
+        batch = self._batch(rollouts, scores)
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), update)
+        self.state, metrics = self.update_step(self.state, batch, rng)
+        metrics = check_finite(metrics, update, self.update_config.on_nonfinite)
+        t3 = time.perf_counter()
+        self.buffer.extend(MetaSample(record=r, response=t, score=float(s), rationales=tuple(res.rationales))
+                           for r, t, s, res in zip(rollouts.records, rollouts.texts, scores, results, strict=True))
+        self.buffer = self.buffer[-cfg.meta.buffer_size:]
+        lengths = rollouts.response_lengths
+        tokens = int(rollouts.query_mask.sum() + lengths.sum())
+        rubric = self.history.current
+        metrics.update({
+            "score/mean": float(np.mean(scores)), "score/std": float(np.std(scores)),
+            "response/length_mean": float(np.mean(lengths)), "response/eos_rate": float(np.mean(rollouts.contains_eos)),
+            "judge/parse_failures": float(sum(r.parse_failures for r in results)),
+            "judge/rule_scored": float(sum(r.rule is not None for r in results)),
+            "rubric/iteration": float(rubric.iteration), "rubric/items": float(len(rubric.items)),
+            "rubric/tokens": float(len(self._judge_tokenizer.encode(rubric.render(), add_bos=False))),
+            "time/rollout_s": t1 - t0, "time/judge_s": t2 - t1, "time/update_s": t3 - t2,
+            "throughput/tokens_per_s": tokens / max(t3 - t0, 1e-9),
+        })
+        if self.is_main:
+            self._write_rollouts(update, rollouts, scores)
+        return metrics
+
+    def run(self) -> dict[str, float]:
+        """Train to `num_updates` (resuming from the latest checkpoint); returns the last metrics."""
+        cfg = self.config
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        self._restore()
+        if self.is_main:
+            # Files written after the checkpoint this run starts from (or by a run that never
+            # reached its first checkpoint) describe updates that will be redone.
+            _drop_files_after(self.run_dir, self.update, self.history.current.iteration)
+            _truncate_rollouts(self.run_dir / ROLLOUTS_FILE, self.update)
+            truncate_eval_rows(self.run_dir, self.update if self.update else -1)
+            self.history.save(self.run_dir)
+        # A run that starts from scratch redoes the evaluation before its first update (update 0).
+        writer = MetricsWriter(self.run_dir, enabled=self.is_main, resume_from_update=self.update + 1 if self.update
+                               else 0,
+                               total_updates=cfg.num_updates, tensorboard=cfg.log.tensorboard,
+                               progress=cfg.log.progress)
+        last: dict[str, float] = {}
+        with writer, PreemptionGuard() as guard:
+            if self.evaluator is not None and self.update == 0:
+                writer.write(0, self._evaluate(0))
+            while self.update < cfg.num_updates:
+                update = self.update + 1
+                metrics = self.train_step(update)
+                if cfg.meta.enabled and update % cfg.meta.interval == 0:
+                    metrics.update(self._meta_step(update))
+                    writer.write_rubric(self.history.current, update)
+                if self.evaluator is not None and (update % cfg.eval.every == 0 or update == cfg.num_updates):
+                    metrics.update(self._evaluate(update))
+                self.update = update
+                writer.write(update, metrics)
+                last = metrics
+                stop = guard.should_stop(update)
+                self.checkpointer.save(update, self.state, self._host_state(),
+                                       force=stop or update == cfg.num_updates)
+                if stop:
+                    _LOG.warning("SIGTERM: saved update %d and stopping", update)
+                    break
+        self.checkpointer.close()
+        if self.is_main and cfg.log.report and self.update == cfg.num_updates:
+            from mpo_jax.train.report import write_report
+
+            write_report(self.run_dir)
+        return last
+
+
+def _subject(record: dict) -> int | None:
+    try:
+        return subject_id(record)
+    except ValueError:
+        return None
+
+
+def _drop_files_after(run_dir: Path, update: int, iteration: int) -> None:
+    for path in run_dir.glob("meta_evaluation_*.json"):
+        if _number(path.stem, "meta_evaluation_") > update:
+            path.unlink()
+    for path in run_dir.glob("rubric_iter_*.txt"):
+        if _number(path.stem, "rubric_iter_") > iteration:
+            path.unlink()
+
+
+def _number(stem: str, prefix: str) -> int:
+    try:
+        return int(stem[len(prefix):])
+    except ValueError:
+        return -1
+
+
+def _truncate_rollouts(path: Path, last_update: int) -> None:
+    """Drop rollout lines written after the checkpoint a resumed run starts from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _line_update(line) <= last_update]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _line_update(line: str) -> int:
+    try:
+        return int(json.loads(line)["update"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    return Trainer(config).run()
+
+
+__all__ = ["Trainer", "check_resources", "train"]
