@@ -9,7 +9,8 @@ Each error also keeps the built-in base its callers caught before it existed (`V
 `FileNotFoundError`, `ImportError`, ...), so `except ValueError` still works. The specific errors
 live with the code that raises them and derive from `MpoError` or one of the general errors
 here: `RubricError` and `ScaleError` (`mpo_jax.rubric`), `RubricTooLongError` (the judge),
-`ConfigError` (`mpo_jax.train.config`), `CheckpointMismatchError`, `ReportError`, `ExportError`,
+`ConfigError` (`mpo_jax.train.config`), `CheckpointMismatchError`, `CheckpointCorruptError`,
+`NoRestorableCheckpointError`, `RunDirError`, `ReportError`, `ExportError`,
 `PresetNotFoundError` and `PresetIntegrityError`, `RemoteBackendError`, `CatalogUnavailableError`,
 `NonFiniteUpdateError`.
 

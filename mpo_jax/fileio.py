@@ -17,11 +17,22 @@ from typing import Any
 from mpo_jax.errors import FileFormatError
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, errors: str = "strict") -> None:
-    """Write `text` to a temp file next to `path`, fsync it, then rename it over `path`."""
+    """Write `text` to a temp file next to `path`, fsync it, then rename it over `path`.
+
+    The file gets the permissions a plain `open(path, "w")` would (0666 less the umask), not the
+    owner-only mode of the temporary file, so run-directory files stay readable as before.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="") as handle:
             handle.write(text)
             handle.flush()

@@ -40,7 +40,7 @@ from mpo_jax.errors import InvalidValueError, MpoError
 
 __all__ = [
     "DEFAULT_LIMITS", "MAX_SCALE", "SCALE_FORM", "Rubric", "RubricError", "RubricLimits", "ScaleError", "diff",
-    "item_scale", "rubric_scales", "validate",
+    "item_scale", "render_items", "rubric_scales", "validate",
 ]
 
 # One tag: `<item>`, `</item>`, `<rubric>`, `</rubric>`, any case, optional inner whitespace.
@@ -182,8 +182,7 @@ class Rubric:
 
     def render(self) -> str:
         """The canonical text form, the one written to `rubric_iter_{t}.txt` and read by `parse`."""
-        body = "\n\n".join(f"<item>\n{item}\n</item>" for item in self.items)
-        return f"<rubric>\n{body}\n</rubric>"
+        return render_items(self.items)
 
     def validated(self, limits: RubricLimits = DEFAULT_LIMITS) -> Rubric:
         """`self` after checking `limits` (for chaining); raises `RubricError`."""
@@ -209,6 +208,16 @@ class Rubric:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def render_items(items: Iterable[str]) -> str:
+    """`<rubric><item>…</item></rubric>` markup around item texts, as `Rubric.render` writes it.
+
+    For item lists that are not (yet) a `Rubric`, e.g. an MRM's criteria before parsing and
+    validation; it does not check the items.
+    """
+    body = "\n\n".join(f"<item>\n{item}\n</item>" for item in items)
+    return f"<rubric>\n{body}\n</rubric>"
 
 
 def _rubric_scope(text: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -114,3 +114,17 @@ def smollm2_gguf(request: pytest.FixtureRequest) -> Path:
         return resolve("smollm2-135m-instruct")
     except PresetNotFoundError as err:
         pytest.fail(f"{SMOLLM2_PACKAGE} is installed but its GGUF is missing: {err}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A fresh `MPO_JAX_CACHE` folder (tiny tokenizers, ...) for one test module: set in this
+    process's environment and yielded as the entry to pass to child processes."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("MPO_JAX_CACHE")
+    os.environ["MPO_JAX_CACHE"] = str(cache)
+    yield {"MPO_JAX_CACHE": str(cache)}
+    if old is None:
+        os.environ.pop("MPO_JAX_CACHE", None)
+    else:
+        os.environ["MPO_JAX_CACHE"] = old

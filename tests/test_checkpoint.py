@@ -1,5 +1,7 @@
-"""Checkpoints of tiny train states: bitwise round trips, keep-N, save_every, mismatches, meshes, SIGTERM."""
+"""Checkpoints of tiny train states: bitwise round trips, keep-N, save_every, mismatches, meshes, corrupt
+checkpoints (detected, skipped, set aside), SIGTERM."""
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +22,14 @@ from mpo_jax.models.params import init_lora_params
 from mpo_jax.rl.compiled import place_state
 from mpo_jax.rl.config import OptimizerConfig
 from mpo_jax.rl.train_state import create_train_state
-from mpo_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, PreemptionGuard
+from mpo_jax.train.checkpoint import (
+    FINGERPRINTS_KEY,
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointMismatchError,
+    NoRestorableCheckpointError,
+    PreemptionGuard,
+)
 
 VOCAB = 264
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, schedule="linear", total_updates=10)
@@ -188,6 +197,93 @@ def test_an_interrupted_save_is_ignored(tokenizer, tmp_path):
     restored, host = resumed.restore(None, build_state(tokenizer))
     assert host == {"update": 2}
     np.testing.assert_array_equal(np.asarray(restored.step), np.asarray(state.step))
+
+
+def array_files(step_dir):
+    """The files holding a checkpoint's arrays (OCDBT data and index nodes under state/**/d/)."""
+    return sorted(p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def flip_bytes(path, positions):
+    data = bytearray(path.read_bytes())
+    for position in positions:
+        data[position % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def corrupt(step_dir):
+    """Bytes flipped all through every array file: what a damaged disk or a bad copy leaves."""
+    for path in array_files(step_dir):
+        flip_bytes(path, range(7, path.stat().st_size, max(1, path.stat().st_size // 40)))
+
+
+def test_a_byte_flipped_inside_the_array_data_is_detected(tokenizer, tmp_path):
+    """TensorStore reads a flipped data byte back without complaint; the saved fingerprints catch it."""
+    state = randomized(build_state(tokenizer), seed=4)
+    with Checkpointer(tmp_path, save_every=1, keep=2) as ckpt:
+        ckpt.save(1, state, {"update": 1})
+    largest = max(array_files(tmp_path / "1"), key=lambda p: p.stat().st_size)
+    flip_bytes(largest, [largest.stat().st_size // 2])
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint .*/1 is corrupt: the contents of 1 array\(s\) "
+                                                     r"differ from what was saved \((params|opt_state)/"):
+        Checkpointer(tmp_path, save_every=1, keep=2).restore(1, build_state(tokenizer))
+
+
+def test_restore_latest_skips_a_corrupt_checkpoint_and_sets_it_aside(tokenizer, tmp_path, caplog):
+    states = {u: randomized(build_state(tokenizer), seed=u) for u in (1, 2, 3)}
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        for update, state in states.items():
+            ckpt.save(update, state, {"update": update})
+    corrupt(tmp_path / "3")
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=5)
+    with caplog.at_level("WARNING", logger="mpo_jax.train.checkpoint"):
+        restored = ckpt.restore_latest(build_state(tokenizer), set_aside=True)
+    assert restored.update == 2 and restored.host_state == {"update": 2}
+    assert [update for update, _ in restored.skipped] == [3]
+    assert_bitwise_equal(restored.state.params, jax.tree.map(np.array, states[2].params))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"checkpoint {tmp_path / '3'} cannot be read back" in m or f"checkpoint {tmp_path / '3'} is corrupt"
+               in m for m in warnings), warnings
+    # set aside, not deleted: the run saves update 3 again, and the damaged files stay for a look
+    assert ckpt.all_updates() == [1, 2] and (tmp_path / "3.corrupt").is_dir()
+    assert ckpt.save(3, states[1], {"update": 3})
+    ckpt.close()
+    again = Checkpointer(tmp_path, save_every=1, keep=5).restore_latest(build_state(tokenizer))
+    assert again.update == 3 and not again.skipped
+    assert_bitwise_equal(again.state.params, jax.tree.map(np.array, states[1].params))
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tokenizer, tmp_path):
+    state = randomized(build_state(tokenizer), seed=1)
+    with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+        ckpt.save(1, state, {"update": 1})
+        ckpt.save(2, state, {"update": 2})
+    corrupt(tmp_path / "1")
+    corrupt(tmp_path / "2")
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=5)
+    with pytest.raises(NoRestorableCheckpointError) as err:
+        ckpt.restore_latest(build_state(tokenizer), set_aside=True)
+    message = str(err.value)
+    assert message.startswith(f"no checkpoint in {tmp_path} can be restored")
+    assert str(tmp_path / "1") in message and str(tmp_path / "2") in message and "start the run over" in message
+    assert ckpt.all_updates() == [1, 2]  # nothing renamed when nothing restores
+    assert Checkpointer(tmp_path / "empty", save_every=1, keep=1).restore_latest(state) is None
+
+
+def test_a_checkpoint_without_fingerprints_still_restores(tokenizer, tmp_path):
+    """Checkpoints written before fingerprints existed have none to check."""
+    state = randomized(build_state(tokenizer), seed=6)
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+        ckpt.save(1, state, {"update": 1})
+    host_file = tmp_path / "1" / "host" / "metadata"
+    host = json.loads(host_file.read_text())
+    assert set(host) == {"update", FINGERPRINTS_KEY}
+    host_file.write_text(json.dumps({"update": 1}))
+    restored, host = Checkpointer(tmp_path, save_every=1, keep=1).restore(1, build_state(tokenizer))
+    assert host == {"update": 1}
+    assert_bitwise_equal(restored.params, jax.tree.map(np.array, state.params))
+    with pytest.raises(ValueError, match=FINGERPRINTS_KEY):
+        Checkpointer(tmp_path / "other", save_every=1, keep=1).save(1, state, {FINGERPRINTS_KEY: {}})
 
 
 def test_missing_checkpoints_and_bad_arguments_are_named(tokenizer, tmp_path):

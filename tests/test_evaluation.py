@@ -3,7 +3,6 @@ examples, verdict and MATH accuracy on fixtures, tables and plots, the pairwise 
 both-order judging, and a tiny end to end run (train -> generate from the run -> Elo tournament)."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from tiny import fixture_data_dir
 
 from mpo_jax.evaluation.cli import eval_main, parse_generation_specs
 from mpo_jax.evaluation.elo import EloSummary, Match, elo_ratings, elo_update, expected_score, run_tournament
-from mpo_jax.evaluation.generate import dedupe_rows, find_run_checkpoint, read_generations, row_key
+from mpo_jax.evaluation.generate import dedupe_rows, read_generations, row_key
 from mpo_jax.evaluation.pairwise import Judgment, PairwiseJudge, judge_all_pairs, position_consistency
 from mpo_jax.evaluation.tables import Cell, elo_cells, metric_cells, plot_ratings, results_table
 from mpo_jax.tasks.metrics import (
@@ -25,6 +24,7 @@ from mpo_jax.tasks.metrics import (
     score_generations,
     verdict_accuracy,
 )
+from mpo_jax.train.run_dir import find_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -368,10 +368,7 @@ def test_cli_errors_are_reported_with_status_2(tmp_path, capsys):
 # -- tiny end to end: train -> generate from the run -> tournament ----------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("MPO_JAX_CACHE")
-    os.environ["MPO_JAX_CACHE"] = str(cache)
+def tiny_run(tmp_path_factory, cache_env):
     from mpo_jax.train.config import load_config
     from mpo_jax.train.trainer import Trainer
 
@@ -383,11 +380,7 @@ def tiny_run(tmp_path_factory):
                  f"--config.data.data_dir={fixture_data_dir(tmp_path_factory.mktemp('data'))}"]
     trainer = Trainer(load_config(TINY, overrides))
     trainer.run()
-    yield run_dir, trainer
-    if old is None:
-        os.environ.pop("MPO_JAX_CACHE", None)
-    else:
-        os.environ["MPO_JAX_CACHE"] = old
+    return run_dir, trainer
 
 
 def _lora_leaves(state) -> dict[str, np.ndarray]:
@@ -400,13 +393,13 @@ def _lora_leaves(state) -> dict[str, np.ndarray]:
 
 def test_run_paths_are_recognised(tiny_run, tmp_path):
     run_dir, _ = tiny_run
-    assert find_run_checkpoint(run_dir).update is None
-    assert find_run_checkpoint(run_dir / "checkpoints").run_dir == run_dir
-    assert find_run_checkpoint(run_dir / "checkpoints" / "1").update == 1
-    assert find_run_checkpoint(tmp_path) is None  # an ordinary folder is a model path, not a run
+    assert find_run(run_dir).update is None
+    assert find_run(run_dir / "checkpoints").run_dir == run_dir
+    assert find_run(run_dir / "checkpoints" / "1").update == 1
+    assert find_run(tmp_path) is None  # an ordinary folder is a model path, not a run
     (tmp_path / "config.json").write_text(json.dumps({"task": "essay", "policy": {}}))
     with pytest.raises(FileNotFoundError, match="no checkpoints/ folder"):
-        find_run_checkpoint(tmp_path)
+        find_run(tmp_path)
 
 
 def test_restored_policy_has_the_trained_lora_weights(tiny_run):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,17 +21,18 @@ from safetensors.numpy import load_file
 from tiny import fixture_data_dir
 
 from mpo_jax.engine.tokenizer import Tokenizer
+from mpo_jax.errors import MissingFileError
 from mpo_jax.models.config import ModelConfig
 from mpo_jax.train.config import load_config
 from mpo_jax.train.export import (
     ExportError,
     add_export_arguments,
     export_policy,
-    locate_checkpoint,
     merge_lora,
     run_export,
     save_tokenizer,
 )
+from mpo_jax.train.run_dir import RunDirError, locate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -44,18 +44,6 @@ SAMPLE = "Write an essay about the quick brown fox: 3 good ideas!\n<|im_end|>"
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "  two  spaces and 1234567890 digits",
          "Unicode: café, Straße, 東京 🤖", "code:\n\tdef f(x):\n\t\treturn x ** 2\n",
          "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", ""]
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("MPO_JAX_CACHE")
-    os.environ["MPO_JAX_CACHE"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("MPO_JAX_CACHE", None)
-    else:
-        os.environ["MPO_JAX_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +193,10 @@ def test_a_checkpoint_folder_exports_that_update(trained, tmp_path, capsys):
 
 
 def test_not_a_run_directory(tmp_path):
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         export_policy(tmp_path / "missing", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ExportError, match="not a run directory"):
+    with pytest.raises(RunDirError, match="not a run directory"):
         export_policy(tmp_path / "empty", tmp_path / "out")
 
 
@@ -216,17 +204,17 @@ def test_run_without_checkpoint(trained, tmp_path):
     run = tmp_path / "fresh"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(trained[0] / "config.json", run / "config.json")
-    with pytest.raises(ExportError, match="no finished checkpoint"):
+    with pytest.raises(MissingFileError, match="no finished checkpoint"):
         export_policy(run, tmp_path / "out")
 
 
 def test_missing_update_and_conflicting_update(trained, tmp_path):
     run_dir = trained[0]
-    with pytest.raises(ExportError, match=r"no checkpoint for update 7; available updates: \[1, 2\]"):
+    with pytest.raises(MissingFileError, match=r"no checkpoint for update 7; available updates: \[1, 2\]"):
         export_policy(run_dir, tmp_path / "out", update=7)
-    with pytest.raises(ExportError, match="update 1 but update=2"):
-        locate_checkpoint(run_dir / "checkpoints" / "1", update=2)
-    assert locate_checkpoint(run_dir / "checkpoints").run_dir == run_dir
+    with pytest.raises(RunDirError, match="update 1 but update=2"):
+        locate_run(run_dir / "checkpoints" / "1", update=2)
+    assert locate_run(run_dir / "checkpoints").run_dir == run_dir
 
 
 def test_unknown_format_and_unsafe_output(trained, tmp_path, capsys):

@@ -34,3 +34,18 @@ def test_jsonl_rows_and_errors(tmp_path):
     path.write_text('{"a": 1}\n{oops\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:2: not valid JSON"):
         read_jsonl_objects(path)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic = tmp_path / "atomic.txt"
+        atomic_write_text(atomic, "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644

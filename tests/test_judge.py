@@ -242,17 +242,17 @@ def test_math_judge_mixes_answer_check_and_plan_execute():
     record = {"problem": "What is 2+2?", "solution": "2+2 = \\boxed{4}", "subject": "algebra"}
     reasoning = " ".join(["We add the two numbers carefully and check the result twice."] * 4)
     right, wrong, short = f"{reasoning} \\boxed{{4}}", f"{reasoning} \\boxed{{5}}", "It is \\boxed{4}"
-    checker = Judge(ScriptedMathClient(), task="math", mode="generate", math_llm_probability=0.0)
+    checker = Judge(ScriptedMathClient(), task="math", mode="generate", llm_probability=0.0)
     checker.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
     results = checker.score_detailed([record] * 3, [right, wrong, short])
     assert [r.score for r in results] == [5.0, 0.0, 0.0]
     assert [r.rule for r in results] == ["answer check", "answer check", "rationale gate"]
     client = ScriptedMathClient()
-    llm = Judge(client, task="math", mode="generate", math_llm_probability=1.0)
+    llm = Judge(client, task="math", mode="generate", llm_probability=1.0)
     llm.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
     results = llm.score_detailed([record] * 3, [right, wrong, short])
     assert [r.score for r in results] == [3.0, 3.0, 0.0] and client.calls == 2  # plan, then execute
-    mixed = Judge(ScriptedMathClient(), task="math", mode="generate", math_llm_probability=0.5, seed=1)
+    mixed = Judge(ScriptedMathClient(), task="math", mode="generate", llm_probability=0.5, seed=1)
     mixed.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
     rules = {r.rule for r in mixed.score_detailed([record] * 16, [wrong] * 16)}
     assert rules == {"answer check", None}
@@ -264,15 +264,59 @@ MATH_ANSWER = " ".join(["We add the two numbers carefully and check the result t
 
 def test_math_plan_and_execute_get_plan_tokens():
     client = ScriptedMathClient()
-    judge = Judge(client, task="math", mode="generate", math_llm_probability=1.0, rationale_tokens=16)
+    judge = Judge(client, task="math", mode="generate", llm_probability=1.0, rationale_tokens=16)
     judge.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
     judge.score_detailed([MATH_RECORD], [MATH_ANSWER])
     assert client.max_tokens == [2000, 2000]  # the default: plan, then execute
     client = ScriptedMathClient()
-    judge = Judge(client, task="math", mode="generate", math_llm_probability=1.0, plan_tokens=300)
+    judge = Judge(client, task="math", mode="generate", llm_probability=1.0, plan_tokens=300)
     judge.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
     judge.score_detailed([MATH_RECORD], [MATH_ANSWER])
     assert client.max_tokens == [300, 300]
+
+
+class RecordingMathClient(ScriptedMathClient):
+    """`ScriptedMathClient` that keeps every batch of conversations it was sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.conversations = []
+
+    def chat_batch(self, conversations, **kw):
+        self.conversations.append(conversations)
+        return super().chat_batch(conversations, **kw)
+
+
+def test_math_plans_follow_the_guideline_of_the_record_subject():
+    from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS
+
+    client = RecordingMathClient()
+    judge = Judge(client, task="math", mode="generate", llm_probability=1.0)
+    judge.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    algebra = Rubric(items=("Check the algebra twice.",))
+    judge.set_guidelines({MATH_SUBJECTS.index("algebra"): algebra})
+    geometry = {**MATH_RECORD, "subject": "geometry"}
+    judge.score_detailed([MATH_RECORD, geometry], [MATH_ANSWER, MATH_ANSWER])
+    plans = [conversation[-1]["content"] for conversation in client.conversations[0]]
+    assert "Check the algebra twice." in plans[0] and "Evaluate the correctness" not in plans[0]
+    assert "Evaluate the correctness" in plans[1] and "Check the algebra" not in plans[1]  # no geometry guideline
+    assert dict(judge.guidelines) == {0: algebra}
+    with pytest.raises(TypeError):
+        judge.guidelines[1] = algebra  # read-only: set_guidelines replaces them
+    with pytest.raises(TypeError, match="must be a Rubric"):
+        judge.set_guidelines({0: "Check the algebra twice."})
+
+
+def test_reseeding_the_judge_repeats_the_math_coin():
+    judge = Judge(ScriptedMathClient(), task="math", mode="generate", llm_probability=0.5, seed=0)
+    judge.set_rubric(Rubric(items=("Evaluate the correctness of the student response.",)))
+    rules = []
+    for _ in range(2):
+        judge.reseed([3, 1, 1])
+        rules.append([r.rule for r in judge.score_detailed([MATH_RECORD] * 16, [MATH_ANSWER] * 16)])
+    # one draw per sample: under 0.5 the LLM judges (no rule), otherwise the answer check
+    expected = [None if u < 0.5 else "answer check" for u in np.random.default_rng([3, 1, 1]).random(16)]
+    assert rules[0] == rules[1] == expected
 
 
 def test_a_math_guideline_needs_no_scale_even_in_logits_mode(model):

@@ -379,7 +379,7 @@ def test_meta_step_runs_on_a_local_model(tmp_path_factory):
 
 
 def test_math_meta_step_refines_each_group_from_tiered_cases():
-    from mpo_jax.reward.meta import math_meta_step, tiered_cases
+    from mpo_jax.reward.meta import group_meta_step, tiered_cases
     from mpo_jax.tasks.math_reasoning import subject_id
 
     rng = np.random.default_rng(0)
@@ -399,7 +399,7 @@ def test_math_meta_step_refines_each_group_from_tiered_cases():
                for i in range(6)]
     buffered = [MetaSample(record=r, response="x", score=float(i % 3)) for i, r in enumerate(records)]
     mrm = MetaRewardModel(Client(items=["x"]), task="math")
-    updates = math_meta_step(mrm, {0: guideline, 2: guideline, 6: guideline}, buffered, 0, group_of=subject_id)
+    updates = group_meta_step(mrm, {0: guideline, 2: guideline, 6: guideline}, buffered, 0, group_of=subject_id)
     assert set(updates) == {0, 2, 6}
     assert len(updates[0].cases) == 4 and len(updates[2].cases) == 2 and updates[6].cases == []
     assert all(u.accepted and u.guideline.iteration == 1 for u in updates.values())
@@ -408,7 +408,7 @@ def test_math_meta_step_refines_each_group_from_tiered_cases():
 
 
 def test_math_meta_step_accepts_a_long_guideline_within_the_task_limits():
-    from mpo_jax.reward.meta import math_meta_step
+    from mpo_jax.reward.meta import group_meta_step
 
     long_guideline = ("Check every step of the derivation against the reference solution. " * 90).strip()
     assert 6000 <= len(long_guideline) <= 12000
@@ -421,7 +421,7 @@ def test_math_meta_step_accepts_a_long_guideline_within_the_task_limits():
     math = get_task("math")
     client = Client(items=["x"])
     mrm = MetaRewardModel(client, task="math", guideline_tokens=3000, analysis_tokens=64)
-    updates = math_meta_step(mrm, {0: math.initial_rubrics["iter0"]}, [], 0, group_of=lambda r: 0)
+    updates = group_meta_step(mrm, {0: math.initial_rubrics["iter0"]}, [], 0, group_of=lambda r: 0)
     assert updates[0].accepted, updates[0].reason
     assert updates[0].guideline.items == (long_guideline,)
     assert [kw["max_tokens"] for _, _, kw in client.requests] == [3000, 3000]

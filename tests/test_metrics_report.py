@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from mpo_jax.reward.meta import MetaResult, MetaSample
 from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.rubric import Rubric
-from mpo_jax.train import report
+from mpo_jax.train import report, report_plots
 from mpo_jax.train.metrics import METRICS_FILE, MetricsWriter, markdown_fence, progress_text, read_metrics
 
 SCRIPT = '<script>alert("pwned")</script>'
@@ -330,7 +332,7 @@ def test_meta_markers_are_at_the_accepted_and_kept_updates(tmp_path: Path) -> No
     from matplotlib.figure import Figure
 
     ax = Figure().add_subplot(1, 1, 1)
-    report._draw_markers(ax, markers)
+    report_plots.draw_markers(ax, markers)
     xs = sorted(line.get_xdata()[0] for line in ax.lines)
     assert xs == [4, 6, 8]
     assert {line.get_xdata()[0]: line.get_linestyle() for line in ax.lines} == {4: "-", 6: ":", 8: "-"}
@@ -382,11 +384,110 @@ def html_escaped(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def test_markdown_text_escapes_inline_markup() -> None:
-    text = report.markdown_text("a *b* [c](http://x) <i>&amp; | `d`\nnext")
-    assert "\n" not in text
-    assert re.search(r"(?<!\\)[*\[\]<>&|`:]", text) is None  # every markup character is escaped
-    assert text.replace("\\", "") == "a *b* [c](http://x) <i>&amp; | `d` next"
+MARKUP = ["a *b* [c](http://x) <i>&amp; | `d`", "# not a heading", "###### nor this", "- not a list", "+ nor this",
+          "1. not a list", "2) nor this", "> not a quote", "---", "- - -", "___", "_under_ and snake_case",
+          "~~struck~~", "a \\* b", "ends with ##", "<http://x.org>", "![img](y.png)", "x] y [z", "**bold**",
+          "a | b | c", "line one\nline two", "&#65; &lt;", "`code` ``more``"]
+PLAIN = "Reason: meta-step at update 4.5 (3 items, 40 characters); see policy/approxkl_avg - done."
+
+
+def _inline_text(token) -> str:
+    """The literal text of an inline token: fails if markdown-it found any markup in it."""
+    kinds = {child.type for child in token.children}
+    assert kinds <= {"text", "text_special"}, (kinds, token.content)
+    return "".join(child.content for child in token.children)
+
+
+@pytest.mark.parametrize("context", ["paragraph", "heading", "cell", "alt", "any"])
+def test_markdown_text_shows_markup_characters_literally(context: str) -> None:
+    """A CommonMark parser (markdown-it, with GFM tables and strikethrough) reads the text back unchanged."""
+    markdown_it = pytest.importorskip("markdown_it")
+    md = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    for text in [*MARKUP, PLAIN]:
+        escaped = report.markdown_text(text, context)
+        expected = " ".join(text.split())
+        if context in ("paragraph", "any"):
+            tokens = md.parse(escaped)
+            assert [t.type for t in tokens] == ["paragraph_open", "inline", "paragraph_close"], (text, escaped)
+            assert _inline_text(tokens[1]) == expected
+        if context in ("heading", "any"):
+            tokens = md.parse(f"## {escaped}")
+            assert [t.type for t in tokens] == ["heading_open", "inline", "heading_close"], (text, escaped)
+            assert _inline_text(tokens[1]) == expected
+        if context in ("cell", "any"):
+            tokens = md.parse(f"| name | value |\n|---|---|\n| {escaped} | 1 |")
+            cells = [t for t in tokens if t.type == "inline"]
+            assert [_inline_text(t) for t in cells] == ["name", "value", expected, "1"], (text, escaped)
+        if context in ("alt", "any"):
+            tokens = md.parse(f"![{escaped}](plot.png)")
+            (image,) = tokens[1].children
+            assert image.type == "image" and image.attrs["src"] == "plot.png", (text, escaped)
+            assert _inline_text(image) == expected
+
+
+def test_markdown_text_leaves_ordinary_punctuation_alone() -> None:
+    for context in ("paragraph", "heading", "cell", "alt", "any"):
+        assert report.markdown_text(PLAIN, context) == PLAIN
+
+
+def test_report_markdown_reads_as_plain_text(tmp_path: Path) -> None:
+    _make_run(tmp_path)
+    md = (report.write_report(tmp_path) / "report.md").read_text()
+    outside = _outside_fences(md)
+    assert re.search(r"\\[:.\-]", outside) is None, re.findall(r".{0,30}\\[:.\-].{0,30}", outside)
+    # sentences, headings and table rows as a reader of the plain file sees them
+    assert "Created at update 4; refined from iteration 0; 3 items, " in outside
+    assert "## Meta step at update 4" in outside and "Outcome: accepted; rubric iteration" in outside
+    assert "| policy/approxkl_avg | NaN |" in outside and "| score/mean | 0.9 |" in outside
+    assert "Update 5, score 0.5. Prompt:" in outside
+
+
+def _fenced_blocks(markdown: str) -> list[str]:
+    """The contents of every backtick-fenced block, as written."""
+    blocks, current, fence = [], [], None
+    for line in markdown.split("\n"):
+        match = re.match(r"^(`{3,})", line)
+        if fence is None and match:
+            fence, current = match.group(1), []
+        elif fence is not None and line == fence:
+            blocks.append("\n".join(current))
+            fence = None
+        elif fence is not None:
+            current.append(line)
+    return blocks
+
+
+def test_model_text_with_markdown_characters_is_fenced_verbatim(tmp_path: Path) -> None:
+    _make_run(tmp_path, with_rollouts=False)
+    response = "# Title\n- item **bold** [x](http://y) `code` 1. x | y\n```\nrm -rf /\n```\n<b>&amp;</b> \\_done_"
+    row = {"update": 9, "prompt": "Write *this* & that", "response": response, "score": 1.0, "rubric_iteration": 2}
+    (tmp_path / "rollouts.jsonl").write_text(json.dumps(row) + "\n")
+    md = (report.write_report(tmp_path) / "report.md").read_text()
+    blocks = _fenced_blocks(md)
+    assert response in blocks and "Write *this* & that" in blocks
+    assert "No **bold** [link](http://evil.example)" in blocks  # a rubric item
+    assert "rm -rf /" not in _outside_fences(md)
+    markdown_it = pytest.importorskip("markdown_it")
+    fences = [t for t in markdown_it.MarkdownIt("commonmark").parse(md) if t.type == "fence"]
+    assert response + "\n" in [t.content for t in fences]  # a CommonMark parser sees the same block
+
+
+def test_report_files_have_the_usual_permissions(tmp_path: Path) -> None:
+    _make_run(tmp_path)
+    old = os.umask(0o022)
+    try:
+        out = report.write_report(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("report.md", "report.html", "score.png"):
+        mode = stat.S_IMODE((out / name).stat().st_mode)
+        assert mode & 0o044 == 0o044 and mode & 0o022 == 0, (name, oct(mode))  # 0644: others may read
+    old = os.umask(0o077)
+    try:
+        out = report.write_report(tmp_path)  # a private umask is respected
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "report.md").stat().st_mode) == 0o600
 
 
 def test_report_with_missing_optional_pieces(tmp_path: Path) -> None:

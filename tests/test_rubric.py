@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpo_jax.reward.rubric_history import HISTORY_FILE, RubricHistory, rubric_file_name
+from mpo_jax.reward.meta import MetaResult
+from mpo_jax.reward.rubric_history import HISTORY_FILE, JUDGE_REFUSED, RubricHistory, rubric_file_name
 from mpo_jax.rubric import (
     SCALE_FORM,
     Rubric,
@@ -18,6 +19,7 @@ from mpo_jax.rubric import (
     ScaleError,
     diff,
     item_scale,
+    render_items,
     rubric_scales,
     validate,
 )
@@ -460,3 +462,62 @@ def test_history_load_errors(tmp_path):
     (tmp_path / HISTORY_FILE).write_text("{not json")
     with pytest.raises(RubricError, match="not a valid rubric history"):
         RubricHistory.load(tmp_path)
+
+
+def test_render_items_is_the_rubric_markup():
+    items = ("### Clarity (0-5)\n- 5: clear", "### Depth (0-5)")
+    expected = "<rubric>\n<item>\n### Clarity (0-5)\n- 5: clear\n</item>\n\n<item>\n### Depth (0-5)\n</item>\n</rubric>"
+    assert render_items(items) == expected == Rubric(items).render()
+    assert Rubric.parse(render_items(["a", "a", "b"])).items == ("a", "b")  # unchecked items, deduplicated on parse
+
+
+# -- applying a meta step's result -----------------------------------------------------------------
+
+START = Rubric(("### Start (0-5)",), task="essay")
+NEW = Rubric(("### Focus (0-5)", "### Depth (0-5)"), iteration=1, parent=0, task="essay")
+
+
+def _result(accepted: bool, code: str = "") -> MetaResult:
+    return MetaResult(rubric=NEW if accepted else START, accepted=accepted,
+                      reason="accepted: 2 criteria" if accepted else "no refinement produced a valid criterion",
+                      previous=START, selected=[], prescreen=[], analyses=[], refinements=[],
+                      merged_text=NEW.render() if accepted else "<rubric><item>half", timing={}, reason_code=code)
+
+
+def test_apply_installs_an_accepted_rubric_and_records_it():
+    history = RubricHistory(START)
+    installed: list[Rubric] = []
+    assert history.apply(_result(True), created_step=4, install=installed.append) is None
+    assert history.current.items == NEW.items and (history.current.iteration, history.current.created_step) == (1, 4)
+    assert [r.items for r in installed] == [NEW.items, NEW.items] and installed[-1] is history.current
+    assert history.events[-1].accepted and history.events[-1].reason == "accepted: 2 criteria"
+
+
+def test_apply_records_a_kept_rubric_with_its_reason_code():
+    history = RubricHistory(START)
+    assert history.apply(_result(False, "no_criteria"), created_step=6) == "no_criteria"
+    assert history.current == history.versions[0] and len(history) == 1
+    event = history.events[-1]
+    assert (event.accepted, event.raw, event.created_step) == (False, "<rubric><item>half", 6)
+    assert event.reason == "meta step kept the rubric (no_criteria)"
+    assert event.error == "no refinement produced a valid criterion"
+
+
+def test_apply_logs_a_rubric_the_judge_refuses_and_keeps_the_current_one():
+    def refuse(rubric: Rubric) -> None:
+        raise RubricError("rubric prefix is 900 tokens")
+
+    history = RubricHistory(START)
+    assert history.apply(_result(True), created_step=2, install=refuse) == JUDGE_REFUSED
+    assert len(history) == 1 and history.current.items == START.items
+    event = history.events[-1]
+    assert (event.accepted, event.reason, event.error) == (False, "the judge cannot take the new rubric",
+                                                           "rubric prefix is 900 tokens")
+    assert event.raw == NEW.render()
+
+
+def test_apply_follows_the_agreed_proposal_over_the_local_result():
+    """A process whose own step kept the rubric still records process 0's accepted proposal."""
+    history = RubricHistory(START)
+    assert history.apply(_result(False, "invalid"), created_step=3, proposal=NEW.render()) is None
+    assert history.current.items == NEW.items and history.events[-1].accepted

@@ -151,3 +151,27 @@ def test_prompt_longer_than_the_largest_bucket_is_a_clear_error(model):
         model.sampler.generate([[1] * 129], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_left_pad_right_aligns_rows_and_fills_the_batch():
+    from mpo_jax.engine.sampling import left_pad
+
+    rows = [[5, 6, 7], [], np.array([9], np.int32)]
+    tokens, valid = left_pad(rows, 4, 99, batch=5)
+    # by hand: each row's last token in the last column, pads (99) before it, filler rows all padding
+    expected = np.array([[99, 5, 6, 7], [99, 99, 99, 99], [99, 99, 99, 9], [99] * 4, [99] * 4], np.int32)
+    np.testing.assert_array_equal(tokens, expected)
+    np.testing.assert_array_equal(valid, expected != 99)
+    assert tokens.dtype == np.int32 and valid.dtype == bool
+    tokens, valid = left_pad([[1, 2], [3]], 2, 0)  # one row per input by default
+    np.testing.assert_array_equal(tokens, [[1, 2], [0, 3]])
+    np.testing.assert_array_equal(valid, [[True, True], [False, True]])
+
+
+def test_left_pad_refuses_rows_that_do_not_fit():
+    from mpo_jax.engine.sampling import left_pad
+
+    with pytest.raises(ValueError, match="prompt 1 has 3 tokens, more than the padded length 2"):
+        left_pad([[1], [1, 2, 3]], 2, 0, what="prompt")
+    with pytest.raises(ValueError, match="2 rows do not fit a batch of 1"):
+        left_pad([[1], [2]], 3, 0, batch=1)

@@ -282,6 +282,56 @@ def test_math_judge_and_meta_turns():
         task.meta_cases_analysis([{"problem": "P"}], "G", 10)
 
 
+class _Session:
+    """A chat session stand-in: fixed plan and evaluation text, then the given scores."""
+
+    def __init__(self, scores):
+        self.scores, self.turns = scores, []
+
+    def say(self, turns, **kw):
+        self.turns.append(turns)
+        return ["plan or evaluation<EOE>"] * len(turns)
+
+    def say_integer(self, turns, **kw):
+        return self.scores[:len(turns)]
+
+
+def _tools(session, probability, seed=0):
+    import numpy as np
+
+    from mpo_jax.tasks.base import JudgeTools
+
+    return JudgeTools(open_session=lambda histories: session, rubric_for=lambda record: Rubric(("Be strict.",)),
+                      rng=np.random.default_rng(seed), llm_probability=probability, generation_tokens=50,
+                      temperature=0.0)
+
+
+def test_math_scores_itself_with_one_guideline_per_subject():
+    from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS
+
+    task = get_task("math")
+    assert task.own_judge and task.rubric_groups == MATH_SUBJECTS
+    assert task.rubric_group({"subject": "geometry"}) == MATH_SUBJECTS.index("geometry")
+    assert task.rubric_group({"id": "precalculus/12.json"}) == MATH_SUBJECTS.index("precalculus")
+    assert task.rubric_group({"subject": "poetry"}) is None
+    record = {"problem": "What is 2+2?", "solution": "\\boxed{4}", "subject": "algebra"}
+    answer = _words(40) + " \\boxed{4}"
+    checked = task.score_own([record, record], [answer, "\\boxed{4}"], _tools(_Session([]), 0.0))
+    assert [(r.score, r.rule) for r in checked] == [(5.0, "answer check"), (0.0, "rationale gate")]
+    session = _Session([7, None])
+    judged = task.score_own([record, record], [answer, answer], _tools(session, 1.0))
+    assert [(r.score, r.parse_failures, r.rule) for r in judged] == [(5.0, 0, None), (0.0, 1, None)]  # 7 capped
+    assert "Be strict." in session.turns[0][0][0]["content"]  # the plan follows the guideline
+
+
+@pytest.mark.parametrize("name", ["essay", "summarization", "ethics"])
+def test_item_tasks_leave_scoring_to_the_judge(name):
+    task = get_task(name)
+    assert not task.own_judge and task.rubric_groups == () and task.rubric_group(_record(name)) is None
+    with pytest.raises(NotImplementedError):
+        task.score_own([_record(name)], ["response"], _tools(_Session([]), 0.5))
+
+
 # -- rubrics and registry --------------------------------------------------------------------------
 
 

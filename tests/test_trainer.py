@@ -31,17 +31,10 @@ COMPARED = ("score/mean", "objective/kl", "loss/policy_avg", "loss/value_avg", "
             "rubric/iteration", "policy/approxkl_avg")
 
 
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def fixture_data(tmp_path_factory):
+    """Every run here reads the fixture records (tests/fixtures), through FAST."""
     FAST.append(f"--config.data.data_dir={fixture_data_dir(tmp_path_factory.mktemp('data'))}")
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("MPO_JAX_CACHE")
-    os.environ["MPO_JAX_CACHE"] = str(cache)
-    yield {"MPO_JAX_CACHE": str(cache)}
-    if old is None:
-        os.environ.pop("MPO_JAX_CACHE", None)
-    else:
-        os.environ["MPO_JAX_CACHE"] = old
 
 
 def run_in_process(run_dir: Path, *extra: str):
@@ -364,7 +357,7 @@ def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path
     assert record["groups"] and set(record["groups"]) <= seen
     assert all(group["accepted"] for group in record["groups"].values()), record["groups"]
     assert {MATH_SUBJECTS[g] for g in trainer.judge.guidelines} == set(record["groups"])
-    assert all(text == GUIDELINE for text in trainer.judge.guidelines.values()) and len(GUIDELINE) > 4000
+    assert all(r.items == (GUIDELINE,) for r in trainer.judge.guidelines.values()) and len(GUIDELINE) > 4000
     for name in record["groups"]:
         assert GUIDELINE in (run_dir / f"guideline_{name}.txt").read_text()
     restored = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={run_dir}", *args]))

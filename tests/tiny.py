@@ -41,33 +41,12 @@ def numpy_config(config: ModelConfig) -> dict:
                                                 s.original_max_position_embeddings))
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-_CORPUS = ("the quick brown fox jumps over the lazy dog 0123456789 what is the capital of france "
-           "paris is the capital answer yes no maybe good bad ok score rubric essay item\n")
+def tiny_tokenizer_dir(path, vocab_size: int = 96) -> Path:
+    """The project's tiny tokenizer (`mpo_jax.engine.tiny`) written to `path`. At 96 entries, fewer
+    than the 256 byte tokens, it has no merges: the byte tokens and the ChatML specials."""
+    from mpo_jax.engine.tiny import write_tiny_tokenizer
 
-
-def tiny_tokenizer_dir(path, vocab_size: int = 96):
-    """A byte-level BPE tokenizer with ChatML special tokens, trained here on a few sentences."""
-    import json
-
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                         "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE}))
-    return path
+    return write_tiny_tokenizer(path, vocab_size)
 
 
 def fixture_data_dir(root) -> Path:

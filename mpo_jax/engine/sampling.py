@@ -43,6 +43,29 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
                             f"shorten the input or pass larger buckets to the Sampler")
 
 
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, batch: int | None = None,
+             what: str = "row") -> tuple[np.ndarray, np.ndarray]:
+    """Token rows right-aligned in `[batch, length]` int32 ids and a bool validity mask.
+
+    Left padding puts every row's last token in the last column, where prefill reads the next-token
+    logits. `batch` (default: one per row) adds all-padding filler rows so that batch sizes come from
+    a few buckets. A row longer than `length`, or more rows than `batch`, is a caller's bug: a
+    `ValueError` naming the row (`what` says what a row is, e.g. "prompt").
+    """
+    batch = len(rows) if batch is None else batch
+    if len(rows) > batch:
+        raise ValueError(f"{len(rows)} {what}s do not fit a batch of {batch}")
+    tokens = np.full((batch, length), pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for i, ids in enumerate(rows):
+        if len(ids) > length:
+            raise ValueError(f"{what} {i} has {len(ids)} tokens, more than the padded length {length}")
+        if len(ids):
+            tokens[i, length - len(ids):] = ids
+            valid[i, length - len(ids):] = True
+    return tokens, valid
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Decoding knobs. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
@@ -309,12 +332,7 @@ class Sampler:
              params: SamplingParams, constraint) -> SampleOutput:
         batch = state.cache.batch_size
         rows = state.num_rows
-        tokens = np.full((batch, prompt_len), self.tokenizer.pad_id, np.int32)
-        valid = np.zeros((batch, prompt_len), bool)
-        for i, ids in enumerate(prompt_ids):
-            if len(ids):
-                tokens[i, prompt_len - len(ids):] = ids
-                valid[i, prompt_len - len(ids):] = True
+        tokens, valid = left_pad(prompt_ids, prompt_len, self.tokenizer.pad_id, batch=batch, what="prompt")
         active = np.zeros((batch,), bool)
         active[:rows] = True
 

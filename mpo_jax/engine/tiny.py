@@ -28,27 +28,34 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 def tiny_tokenizer(vocab_size: int, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tiny BPE tokenizer with `vocab_size` entries (built once per cache folder)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     root = Path(cache_dir or Path(os.environ.get("MPO_JAX_CACHE", Path.home() / ".cache" / "mpo_jax")))
     path = root / f"tiny_tokenizer_{vocab_size}"
     if not (path / "tokenizer.json").is_file():
-        tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator([_CORPUS] * 4, trainer)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f"tokenizer.json.{os.getpid()}.tmp"
-        tok.save(str(tmp))
-        (path / "tokenizer_config.json").write_text(json.dumps({
-            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "chat_template": CHAT_TEMPLATE}))
-        tmp.replace(path / "tokenizer.json")  # last, so a half-written folder is rebuilt
+        write_tiny_tokenizer(path, vocab_size)
     return Tokenizer.from_dir(path)
+
+
+def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int) -> Path:
+    """Train the tiny tokenizer and write its files to the folder `path` (returned)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f"tokenizer.json.{os.getpid()}.tmp"
+    tok.save(str(tmp))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE}))
+    tmp.replace(path / "tokenizer.json")  # last, so a half-written folder is rebuilt
+    return path
 
 
 def tiny_model_config(tokenizer: Tokenizer, *, hidden_size: int, num_layers: int, **overrides) -> ModelConfig:

@@ -3,10 +3,11 @@
 `model_or_run` is one of
 - a `LanguageModel` already in memory;
 - a preset name, a `.gguf` file, a Hugging Face checkpoint folder, or "tiny-random";
-- a trainer run directory (`config.json` + `checkpoints/`), its `checkpoints/` folder, or one
-  checkpoint `checkpoints/<update>`. The policy is rebuilt as the trainer builds it (same base
-  model, LoRA and value-head settings, same train-state layout) and the checkpoint's trainable
-  parameters are restored into it, so the sampler runs the trained policy.
+- a trainer run directory (its `config.json`), its `checkpoints/` folder, or one checkpoint
+  `checkpoints/<update>`. `train/run_dir.py` rebuilds the policy as the trainer builds it (same
+  base model, LoRA and value-head settings, same train-state layout) and restores the
+  checkpoint's trainable parameters into it (from the config's `checkpoint.directory` when set;
+  without an update, the newest checkpoint that restores), so the sampler runs the trained policy.
 
 Every row of the output JSONL is `{index, id, task, prompt, record, response, finished,
 response_tokens, model}`: `index` is the record's position in the split file, `prompt` the
@@ -18,85 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mpo_jax.engine.language_model import LanguageModel
-from mpo_jax.fileio import read_jsonl_objects
-
-if TYPE_CHECKING:
-    from mpo_jax.train.config import TrainConfig
 from mpo_jax.engine.sampling import SamplingParams
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
+from mpo_jax.fileio import read_jsonl_objects
+from mpo_jax.train.run_dir import RestoredPolicy, device_mesh, find_run
+from mpo_jax.train.run_dir import restore_policy as load_policy_from_run
 
 _LOG = logging.getLogger(__name__)
 TINY = "tiny-random"
-
-
-@dataclass(frozen=True)
-class RunCheckpoint:
-    """Where a trained policy lives: its run directory and the checkpoint's update (None = latest)."""
-
-    run_dir: Path
-    update: int | None
-
-
-@dataclass(frozen=True)
-class RestoredPolicy:
-    """A run's policy with the checkpoint's parameters in its sampler, and what it came from."""
-
-    model: LanguageModel
-    config: TrainConfig
-    update: int
-    run_dir: Path
-
-
-def _is_trainer_config(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "policy" in data and "task" in data
-
-
-def find_run_checkpoint(path: str | os.PathLike[str]) -> RunCheckpoint | None:
-    """The run a path points at (run dir, its checkpoints/ folder, or checkpoints/<update>), or None."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        return None
-    if path.name.isdigit() and path.parent.name == "checkpoints" and _is_trainer_config(path.parent.parent /
-                                                                                        "config.json"):
-        return RunCheckpoint(path.parent.parent, int(path.name))
-    if path.name == "checkpoints" and _is_trainer_config(path.parent / "config.json"):
-        return RunCheckpoint(path.parent, None)
-    if _is_trainer_config(path / "config.json"):
-        if not (path / "checkpoints").is_dir():
-            raise MissingFileError(f"run directory {path} has no checkpoints/ folder; train it (with "
-                                   "checkpoints) first, or pass a model path instead")
-        return RunCheckpoint(path, None)
-    return None
-
-
-def device_mesh(shape: Sequence[int] | None):
-    """A (data, fsdp, tensor) mesh over the first devices, or None for one device."""
-    import jax
-
-    from mpo_jax.engine import sharding as sharding_lib
-
-    if shape is None:
-        return None
-    shape = tuple(int(s) for s in shape)
-    size = math.prod(shape)
-    if size == 1:
-        return None
-    if size > jax.device_count():
-        raise InvalidValueError(f"mesh {shape} needs {size} devices but {jax.device_count()} are available; pass a "
-                                "smaller mesh (e.g. --mesh 1,1,1)")
-    return sharding_lib.make_mesh(shape, devices=jax.devices()[:size])
 
 
 def check_model_name(name: str, what: str = "model") -> None:
@@ -112,41 +48,6 @@ def check_model_name(name: str, what: str = "model") -> None:
         raise MissingFileError(f"{err}{hint}") from None
 
 
-def load_policy_from_run(run_dir: str | os.PathLike[str], *, update: int | None = None,
-                         mesh: Sequence[int] | None = None) -> RestoredPolicy:
-    """The trained policy of a run directory at checkpoint `update` (default: the latest).
-
-    `mesh` is a (data, fsdp, tensor) shape; None uses the run's own mesh.
-    """
-    from mpo_jax.train.checkpoint import Checkpointer
-    from mpo_jax.train.config import to_train_config
-    from mpo_jax.train.model_specs import build_policy_and_state, checkpoint_directory, install_policy_params
-
-    run_dir = Path(run_dir).expanduser()
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise MissingFileError(f"no config.json in {run_dir}; pass a run directory written by `mpo-jax train`")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise FileFormatError(f"{config_path} is not valid JSON ({err}); it is written by `mpo-jax train`") from None
-    config = to_train_config(data)
-    if not config.checkpoint.directory and not (run_dir / "checkpoints").is_dir():
-        raise MissingFileError(f"run directory {run_dir} has no checkpoints/ folder")
-    policy, _, state = build_policy_and_state(config, device_mesh(config.mesh if mesh is None else mesh))
-    checkpointer = Checkpointer(checkpoint_directory(config, run_dir), save_every=config.checkpoint.every,
-                                keep=config.checkpoint.keep)
-    try:
-        chosen = checkpointer.latest_update() if update is None else update
-        if chosen is None:
-            raise MissingFileError(f"no finished checkpoint in {run_dir / 'checkpoints'}; train the run first")
-        state, _ = checkpointer.restore(chosen, state)
-    finally:
-        checkpointer.close()
-    install_policy_params(policy, state)
-    return RestoredPolicy(model=policy, config=config, update=int(chosen), run_dir=run_dir)
-
-
 def load_generation_model(model_or_run: LanguageModel | str | os.PathLike[str], *, dtype: str = "float32",
                           update: int | None = None, mesh: Sequence[int] | None = None
                           ) -> tuple[LanguageModel, str, str | None]:
@@ -156,9 +57,9 @@ def load_generation_model(model_or_run: LanguageModel | str | os.PathLike[str], 
     if not isinstance(model_or_run, (str, os.PathLike)):
         raise TypeError(f"model_or_run must be a LanguageModel, a model name/path or a run directory, got "
                         f"{type(model_or_run).__name__}")
-    run = find_run_checkpoint(model_or_run)
+    run = find_run(model_or_run, update)
     if run is not None:
-        restored = load_policy_from_run(run.run_dir, update=run.update if update is None else update, mesh=mesh)
+        restored = load_policy_from_run(run.run_dir, update=run.update, mesh=mesh)
         label = f"{run.run_dir.name}@{restored.update}"
         return restored.model, label, restored.config.task
     if update is not None:
@@ -279,5 +180,5 @@ def dedupe_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, An
     return kept, len(rows) - len(kept)
 
 
-__all__ = ["RestoredPolicy", "RunCheckpoint", "check_model_name", "dedupe_rows", "device_mesh", "find_run_checkpoint",
-           "generate_split", "load_generation_model", "load_policy_from_run", "read_generations", "row_key"]
+__all__ = ["RestoredPolicy", "check_model_name", "dedupe_rows", "device_mesh", "generate_split",
+           "load_generation_model", "load_policy_from_run", "read_generations", "row_key"]

@@ -16,14 +16,16 @@ Swapping the rubric changes array contents only: nothing recompiles. A rubric lo
 
 Each item's score range is the scale stated at the end of its first line (`rubric.item_scale`,
 e.g. `### Evidence (0-10)`), read once per rubric in `set_rubric`; a rubric without scales is
-refused (`ScaleError`) wherever the judge needs them. MATH guidelines carry no scale: the MATH
-judge scores 0-5 by its own program.
+refused (`ScaleError`) wherever the judge needs them. A task with its own judge program
+(`Task.own_judge`: MATH's answer check or plan-then-execute, 0-5) is scored by that program with
+the judge's model, random state and per-group guidelines, and needs no scales.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -33,13 +35,13 @@ import numpy as np
 from mpo_jax.engine import chat_session
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.engine.language_model import Conversation, LanguageModel
-from mpo_jax.engine.sampling import GenerationState, bucket
+from mpo_jax.engine.sampling import GenerationState, bucket, left_pad
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.reward import judge_engine
 from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricError, rubric_scales
 from mpo_jax.tasks import Task, get_task
-from mpo_jax.tasks.math_reasoning import MathTask, answer_check, rationale_gate, subject_id
+from mpo_jax.tasks.base import JudgeResult, JudgeTools, Record
 
 MODES = ("logits", "generate")
 AGGREGATES = ("sum", "mean_normalized")
@@ -68,15 +70,6 @@ def item_reminder(item: str, max_words: int | None) -> str:
     return f"{cut} ... (full text in the rubric above)" if cut else "(see its full text in the rubric above)"
 
 
-@dataclasses.dataclass
-class JudgeResult:
-    score: float
-    item_scores: list[float]
-    rationales: list[str]
-    parse_failures: int
-    rule: str | None  # the task rule that set the score instead of the LLM, if any
-
-
 class Judge:
     """Scores responses with a local `LanguageModel` against a `Rubric`."""
 
@@ -84,7 +77,7 @@ class Judge:
                  max_rubric_tokens: int = 1024, aggregate: str = "sum",
                  reuse_prefix: bool = True, rationale_tokens: int = 128, plan_tokens: int = 2000,
                  temperature: float = 0.0,
-                 max_items: int = 16, math_llm_probability: float = 0.5, seed: int = 0,
+                 max_items: int = 16, llm_probability: float = 0.5, seed: int = 0,
                  item_reminder_words: int | None = 12, item_turn_tokens: int = 64,
                  length_buckets: Sequence[int] = LENGTH_BUCKETS):
         if mode not in MODES:
@@ -98,13 +91,15 @@ class Judge:
         self.task = get_task(task) if isinstance(task, str) else task
         self.max_rubric_tokens = max_rubric_tokens
         self.reuse_prefix, self.rationale_tokens, self.temperature = reuse_prefix, rationale_tokens, temperature
-        # MATH's plan and its execution are each a long generation (a worked solution, then a
-        # step-by-step check), not a one-sentence rationale.
+        # A task's own program may write long generations (MATH: a plan with a worked solution,
+        # then a step-by-step check), not one-sentence rationales.
         self.plan_tokens = plan_tokens
         # Item scales are needed by tasks that require them and wherever the judge reads a range
-        # (logits candidates, normalisation); MATH scores 0-5 by its own program instead.
+        # (logits candidates, normalisation); a task with its own judge program reads none. A
+        # stand-in task object without these attributes is an item-wise task with default limits.
         limits = getattr(self.task, "rubric_limits", DEFAULT_LIMITS)
-        self.requires_scale = not isinstance(self.task, MathTask) and (
+        self.own_judge = bool(getattr(self.task, "own_judge", False))
+        self.requires_scale = not self.own_judge and (
             limits.require_scale or mode == "logits" or aggregate == "mean_normalized")
         self.max_items = bucket(max_items, ITEM_BUCKETS, "max_items")
         if item_reminder_words is not None and item_reminder_words < 0:
@@ -120,11 +115,11 @@ class Judge:
         self.rubric: Rubric | None = None
         self._scales: tuple[tuple[int, int], ...] | None = None  # per item of `rubric`, when required
         self._tables: judge_engine.CandidateTables | None = None  # logits mode: score candidates per item
-        # MATH: each sample is judged by the answer check or, with this probability, by the LLM's
-        # plan-then-execute program; `guidelines` maps a subject id to its guideline text.
-        self.math_llm_probability = math_llm_probability
-        self.guidelines: dict[int, str] = {}
+        # For a task's own program (MATH): the chance that a response the rules could score goes
+        # to the LLM instead, the coin's random state and the per-group guidelines.
+        self.llm_probability = llm_probability
         self._rng = np.random.default_rng(seed)
+        self._guidelines: dict[int, Rubric] = {}
         self.prefix_prefills = 0  # how many times a rubric prefix was prefilled (cost accounting)
         self._prefix_tokens: np.ndarray | None = None
         self._prefix_valid: np.ndarray | None = None
@@ -184,9 +179,39 @@ class Judge:
         """
         scales, ids, tables = self._admit(rubric)
         if self.local:
-            self._prefix_tokens, self._prefix_valid = _left_pad([ids], 1, self.max_rubric_tokens,
-                                                                self.model.tokenizer.pad_id)
+            self._prefix_tokens, self._prefix_valid = left_pad([ids], self.max_rubric_tokens,
+                                                               self.model.tokenizer.pad_id)
         self.rubric, self._scales, self._tables, self._prefix_cache = rubric, scales, tables, None
+
+    # -- a task's own program: random state and per-group guidelines ------------------------------
+    def reseed(self, seed: Any) -> None:
+        """Restart the judge's random state (MATH's coin) from `seed`, anything `np.random.default_rng`
+        takes; a run reseeds per update, so a resumed run draws what the uninterrupted one did."""
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def guidelines(self) -> Mapping[int, Rubric]:
+        """Per-group guidelines (`Task.rubric_group`; MATH: per subject), read-only; a record of a
+        group without one is scored under the installed rubric."""
+        return MappingProxyType(self._guidelines)
+
+    def set_guidelines(self, guidelines: Mapping[int, Rubric]) -> None:
+        """Replace the per-group guidelines (group index -> `Rubric`)."""
+        for group, rubric in guidelines.items():
+            if not isinstance(rubric, Rubric):
+                raise TypeError(f"guideline of group {group!r} must be a Rubric, got {type(rubric).__name__}")
+        self._guidelines = {int(group): rubric for group, rubric in guidelines.items()}
+
+    def rubric_for(self, record: Record) -> Rubric | None:
+        """The guideline of `record`'s group if it has one, else the installed rubric."""
+        group_of = getattr(self.task, "rubric_group", None)
+        group = group_of(record) if group_of is not None else None
+        return self.rubric if group is None else self._guidelines.get(group, self.rubric)
+
+    def _tools(self) -> JudgeTools:
+        return JudgeTools(open_session=lambda histories: chat_session.open_session(self.model, histories),
+                          rubric_for=self.rubric_for, rng=self._rng, llm_probability=self.llm_probability,
+                          generation_tokens=self.plan_tokens, temperature=self.temperature)
 
     def _prefix(self, capacity: int, batch: int = 1) -> KVCache:
         """The rubric prefix in a KV cache with `capacity` slots (prefilled once per rubric)."""
@@ -213,8 +238,8 @@ class Judge:
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         records = [p if isinstance(p, dict) else self.task.record_from_prompt(p) for p in prompts]
-        if isinstance(self.task, MathTask):
-            return self._score_math(records, list(responses))
+        if self.own_judge:
+            return self.task.score_own(records, list(responses), self._tools())
         results: list[JudgeResult | None] = [None] * len(records)
         llm_rows = []
         for i, (record, response) in enumerate(zip(records, responses, strict=True)):
@@ -277,12 +302,12 @@ class Judge:
         item_len = bucket(max(self.item_turn_tokens, *(len(t) for r in items for t in r)), self.length_buckets,
                           "rubric item turn (tokens)")
         k = self.max_items
-        sample_tokens, sample_valid = _left_pad(samples, batch, sample_len, self.model.tokenizer.pad_id)
+        sample_tokens, sample_valid = left_pad(samples, sample_len, self.model.tokenizer.pad_id, batch=batch)
         item_tokens = np.full((k, batch, item_len), self.model.tokenizer.pad_id, np.int32)
         item_valid = np.zeros((k, batch, item_len), bool)
         item_valid[:, :, -1] = True  # padding items/rows still need one valid query position
         for j in range(len(self.rubric.items)):
-            t, v = _left_pad([r[j] for r in items], batch, item_len, self.model.tokenizer.pad_id)
+            t, v = left_pad([r[j] for r in items], item_len, self.model.tokenizer.pad_id, batch=batch)
             item_tokens[j], item_valid[j] = t, v | item_valid[j]
         tables = self._tables
         capacity = self.max_rubric_tokens
@@ -329,48 +354,6 @@ class Judge:
                             rationales=rationales[i], parse_failures=failures[i], rule=None)
                 for i in range(len(rows))]
 
-    def _score_math(self, records: list[dict], responses: list[str]) -> list[JudgeResult]:
-        """Per sample a fair coin (by default): the answer check (5/0) or the LLM judge (0-5)."""
-        results: list[JudgeResult | None] = [None] * len(records)
-        use_llm = self._rng.random(len(records)) < self.math_llm_probability
-        llm_rows = []
-        for i, (record, response) in enumerate(zip(records, responses, strict=True)):
-            gate = rationale_gate(record, response)
-            if gate is None and use_llm[i]:
-                llm_rows.append(i)
-                continue
-            verdict = gate or answer_check(record, response)
-            results[i] = JudgeResult(score=verdict.score, item_scores=[verdict.score], rationales=[verdict.reason],
-                                     parse_failures=0, rule="rationale gate" if gate else "answer check")
-        if llm_rows:
-            for i, result in zip(llm_rows, self._plan_execute([records[i] for i in llm_rows],
-                                                              [responses[i] for i in llm_rows]), strict=True):
-                results[i] = result
-        return results
-
-    def _guideline_for(self, record: dict) -> str:
-        default = "\n\n".join(self.rubric.items) if self.rubric is not None else ""
-        try:
-            return self.guidelines.get(subject_id(record), default)
-        except ValueError:
-            return default
-
-    def _plan_execute(self, records: list[dict], responses: list[str]) -> list[JudgeResult]:
-        """MATH's LLM judge: write an evaluation plan, execute it on the solution, score 0-5."""
-        session = chat_session.open_session(self.model, [[{"role": "system", "content": self.task.judge_system}]
-                                                         for _ in records])
-        plans = session.say([[{"role": "user", "content": self.task.judge_plan_request(r, self._guideline_for(r))}]
-                             for r in records], max_tokens=self.plan_tokens, stop=("<EOE>",),
-                            temperature=self.temperature)
-        evaluations = session.say([[{"role": "user", "content": self.task.judge_execute_request(p, resp)}]
-                                   for p, resp in zip(plans, responses, strict=True)],
-                                  max_tokens=self.plan_tokens, stop=("<EOE>",), temperature=self.temperature)
-        scores = session.say_integer([[{"role": "user", "content": self.task.judge_score_request(e)}]
-                                      for e in evaluations], max_digits=1)
-        return [JudgeResult(score=float(min(s, 5) if s is not None else 0), item_scores=[float(min(s or 0, 5))],
-                            rationales=[f"{p.strip()}\n\n{e.strip()}"], parse_failures=int(s is None), rule=None)
-                for p, e, s in zip(plans, evaluations, scores, strict=True)]
-
     def _generate_session(self, rows) -> chat_session.ChatSession:
         """Conversations that start after the rubric prefix (read from its KV cache when local)."""
         histories = [self._prefix_messages(self.rubric) for _ in rows]
@@ -389,12 +372,3 @@ def _check_prefix(prefix: str, full: str) -> None:
         raise InvalidValueError("the chat template does not extend the judge prefix turn by turn; "
                                 "this judge needs a template where earlier turns render identically")
 
-
-def _left_pad(rows: Sequence[Sequence[int]], batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((batch, length), pad_id, np.int32)
-    valid = np.zeros((batch, length), bool)
-    for i, ids in enumerate(rows):
-        if len(ids):
-            tokens[i, length - len(ids):] = ids
-            valid[i, length - len(ids):] = True
-    return tokens, valid

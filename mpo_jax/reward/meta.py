@@ -32,8 +32,9 @@ import numpy as np
 
 from mpo_jax.engine import chat_session
 from mpo_jax.errors import InvalidValueError
+from mpo_jax.fileio import atomic_write_text
 from mpo_jax.reward.sense_check import SenseIssue, check_criteria, clean_markup
-from mpo_jax.rubric import Rubric, RubricError, ScaleError, diff
+from mpo_jax.rubric import Rubric, RubricError, ScaleError, diff, render_items
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import PRESCREEN_CHOICES, join_criteria_sets
 
@@ -52,6 +53,17 @@ ACCEPTED_REASONS = (ACCEPTED, TRUNCATED)
 KEPT_REASONS = (NO_SAMPLES, NO_CRITERIA, INVALID, NO_SCALE, SENSE_CHECK, DOES_NOT_FIT)
 
 Fits = Callable[[Rubric], bool]
+
+
+def save_meta_evaluation(directory: str | os.PathLike, step: int, trace: dict[str, Any]) -> Path:
+    """Write a meta step's trace to `meta_evaluation_{step}.json` atomically; returns the path.
+
+    Model text in the trace is kept as written; a lone surrogate in it is escaped, not refused.
+    """
+    path = Path(directory) / f"meta_evaluation_{step}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(trace, indent=2, ensure_ascii=False), errors="backslashreplace")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +134,7 @@ class MetaResult:
 
     def save(self, directory: str | os.PathLike, step: int, samples: Sequence[MetaSample]) -> Path:
         """Write `meta_evaluation_{step}.json` atomically."""
-        path = Path(directory) / f"meta_evaluation_{step}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(samples), indent=2, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return save_meta_evaluation(directory, step, self.to_json(samples))
 
 
 @dataclasses.dataclass
@@ -249,7 +256,7 @@ class MetaRewardModel:
         trace.timing["merge"] = time.perf_counter() - start
         if not merged_items:
             return trace.result(rubric, rubric, NO_CRITERIA, "the merge produced no valid criterion")
-        trace.merged_text = _render_items(merged_items)
+        trace.merged_text = render_items(merged_items)
         try:
             proposal = Rubric.parse(trace.merged_text, limits=self.task.rubric_limits)
         except ScaleError as exc:
@@ -354,7 +361,7 @@ class MetaRewardModel:
                                temperature=self.temperature)
         intro = self.task.meta_refine_intro() + "\n\n" + self.task.meta_count_request()
         items = self._criteria(session, intro, len(chosen), "refinement", trace)
-        refinements = [_render_items(row) if row else "" for row in items]
+        refinements = [render_items(row) if row else "" for row in items]
         return [a.strip() for a in analyses], refinements
 
     def _merge(self, sets: Sequence[str], trace: _Trace) -> list[str]:
@@ -393,10 +400,6 @@ def _is_valid_item(text: str) -> bool:
     return True
 
 
-def _render_items(items: Sequence[str]) -> str:
-    return "<rubric>\n" + "\n\n".join(f"<item>\n{t}\n</item>" for t in items) + "\n</rubric>"
-
-
 @dataclasses.dataclass
 class GuidelineUpdate:
     """The math meta step's outcome for one (subject[, cluster]) group."""
@@ -423,10 +426,11 @@ def tiered_cases(scored: Sequence[tuple[int, float]], per_tier: int, rng: np.ran
     return chosen
 
 
-def math_meta_step(mrm: MetaRewardModel, guidelines: dict[Any, Rubric], samples: Sequence[MetaSample],
-                   rng: np.random.Generator | int, *, group_of, per_tier: int = 2, max_words: int = 1000,
-                   step: int | None = None) -> dict[Any, GuidelineUpdate]:
-    """MATH's meta step: per group, analyse low/mid/high-scored cases and rewrite its guidelines.
+def group_meta_step(mrm: MetaRewardModel, guidelines: dict[Any, Rubric], samples: Sequence[MetaSample],
+                    rng: np.random.Generator | int, *, group_of: Callable[[dict[str, Any]], Any],
+                    per_tier: int = 2, max_words: int = 1000, step: int | None = None) -> dict[Any, GuidelineUpdate]:
+    """The meta step of a task with per-group guidelines (`Task.rubric_groups`; MATH's, §A.3): per
+    group, analyse low/mid/high-scored cases and rewrite its guideline.
 
     There is no merge: each group's refinement becomes its next guideline when it passes the
     task's `rubric_limits` (MATH's allow a 12,000-char guideline) and holds no rubric markup.

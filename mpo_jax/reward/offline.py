@@ -70,11 +70,7 @@ def meta_from_rows(mrm: MetaRewardModel, rubric: Rubric, rows: list[dict[str, An
                           rationales=tuple(r.get("rationales") or ())) for r in rows]
     history = RubricHistory(rubric, reason="input rubric", limits=mrm.task.rubric_limits)
     result = mrm.meta_step(rubric, samples, seed, step=0, fits=fits)
-    if result.accepted:
-        history.append(result.rubric, reason=result.reason, created_step=0)
-    else:
-        history.reject(result.merged_text or None, reason=f"meta step kept the rubric ({result.reason_code})",
-                       error=result.reason, created_step=0)
+    history.apply(result, created_step=0)
     result.save(out_dir, 0, samples)
     history.save(out_dir)
     return out_dir

@@ -11,18 +11,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpo_jax.errors import MissingFileError
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.rubric import DEFAULT_LIMITS, Rubric, RubricError, RubricLimits, validate
 
-__all__ = ["HISTORY_FILE", "HISTORY_FORMAT", "HistoryEvent", "RubricHistory", "rubric_file_name"]
+if TYPE_CHECKING:
+    from mpo_jax.reward.meta import MetaResult
+
+__all__ = ["HISTORY_FILE", "HISTORY_FORMAT", "JUDGE_REFUSED", "HistoryEvent", "RubricHistory", "rubric_file_name"]
 
 HISTORY_FILE = "rubric_history.json"
 HISTORY_FORMAT = "mpo-jax.rubric_history/1"
+# `RubricHistory.apply`'s answer when the meta step accepted a rubric that the judge refused.
+JUDGE_REFUSED = "judge_refused"
+# Model text may hold lone surrogates: they are written escaped rather than refused.
+_TEXT_ERRORS = "backslashreplace"
 
 
 def rubric_file_name(iteration: int) -> str:
@@ -133,16 +141,47 @@ class RubricHistory:
             file=rubric_file_name(stamped.iteration)))
         return stamped
 
-    def propose(self, text: str, *, reason: str, created_step: int | None = None) -> Rubric | None:
-        """Parse untrusted MRM output and append it; on failure log the rejection and return None."""
+    def propose(self, text: str, *, reason: str, created_step: int | None = None,
+                install: Callable[[Rubric], None] | None = None, refused_reason: str | None = None) -> Rubric | None:
+        """Parse untrusted MRM output and append it; on failure log the rejection and return None.
+
+        `install` (e.g. `Judge.set_rubric`) must take the parsed rubric before it is appended and
+        then gets the appended version; a `RubricError` from it is a failure like a parse error.
+        Failures are logged with `refused_reason` when given, else `reason`.
+        """
         try:
             rubric = Rubric.parse(text, limits=self.limits,
                                   task=self._versions[-1].task if self._versions else None)
+            if install is not None:
+                install(rubric)
         except RubricError as err:
-            self.reject(text if isinstance(text, str) else repr(text), reason=reason, error=str(err),
-                        created_step=created_step)
+            self.reject(text if isinstance(text, str) else repr(text), reason=refused_reason or reason,
+                        error=str(err), created_step=created_step)
             return None
-        return self.append(rubric, reason=reason, created_step=created_step)
+        stamped = self.append(rubric, reason=reason, created_step=created_step)
+        if install is not None:
+            install(stamped)
+        return stamped
+
+    def apply(self, result: MetaResult, *, created_step: int | None = None, proposal: str | None = None,
+              install: Callable[[Rubric], None] | None = None) -> str | None:
+        """Record a meta step's outcome; None when its rubric is now current, else why the current one stays.
+
+        The new rubric is read back from text: `proposal` where the caller's processes agreed on
+        one (a run broadcasts process 0's), else `result.rubric.render()` for an accepted step; so
+        the version recorded is what a saved history reloads. `install` must take it first (see
+        `propose`): a refusal is logged as rejected and answered `JUDGE_REFUSED`. A step that
+        kept the rubric is logged with its merged text and answered with `result.reason_code`.
+        """
+        if proposal is None:
+            proposal = result.rubric.render() if result.accepted else ""
+        if not proposal:
+            self.reject(result.merged_text or None, reason=f"meta step kept the rubric ({result.reason_code})",
+                        error=result.reason, created_step=created_step)
+            return result.reason_code
+        new = self.propose(proposal, reason=result.reason, created_step=created_step, install=install,
+                           refused_reason="the judge cannot take the new rubric")
+        return None if new is not None else JUDGE_REFUSED
 
     def reject(self, raw: str | None, *, reason: str, error: str, created_step: int | None = None) -> HistoryEvent:
         """Log a failed attempt (bad MRM output, MRM call error) without changing the current rubric."""
@@ -163,10 +202,10 @@ class RubricHistory:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         for rubric in self._versions:
-            _atomic_write_text(out / rubric_file_name(rubric.iteration), rubric.render() + "\n")
+            atomic_write_text(out / rubric_file_name(rubric.iteration), rubric.render() + "\n", errors=_TEXT_ERRORS)
         for event in self._events:
             if event.file and event.raw is not None and not event.accepted:
-                _atomic_write_text(out / event.file, event.raw)
+                atomic_write_text(out / event.file, event.raw, errors=_TEXT_ERRORS)
         payload = {
             "format": HISTORY_FORMAT,
             "limits": dataclasses.asdict(self.limits),
@@ -174,7 +213,7 @@ class RubricHistory:
             "events": [event.to_json() for event in self._events],
         }
         path = out / HISTORY_FILE
-        _atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=True) + "\n")
+        atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=True) + "\n", errors=_TEXT_ERRORS)
         return path
 
     def to_json(self) -> dict[str, Any]:
@@ -238,7 +277,3 @@ def _load_version(src: Path, event: HistoryEvent, limits: RubricLimits) -> Rubri
                             parent=event.parent, created_step=event.created_step, task=event.task)
     except RubricError as err:
         raise RubricError(f"{file}: {err}") from err
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text, errors="backslashreplace")  # model text may hold lone surrogates

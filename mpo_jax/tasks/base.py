@@ -21,10 +21,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import DEFAULT_LIMITS, SCALE_FORM, Rubric, RubricLimits
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mpo_jax.engine.chat_session import ChatSession
 
 Record = Mapping[str, Any]
 Messages = list[dict[str, str]]
@@ -120,6 +125,32 @@ class GateResult:
 
     score: float
     reason: str
+
+
+@dataclass
+class JudgeResult:
+    """One response's reward and how it was reached, whichever program scored it."""
+
+    score: float
+    item_scores: list[float]
+    rationales: list[str]
+    parse_failures: int
+    rule: str | None  # the task rule that set the score instead of the LLM, if any
+
+
+@dataclass(frozen=True)
+class JudgeTools:
+    """What a task's own scoring program (`Task.score_own`) uses of the judge that runs it.
+
+    The judge hands these in, so that tasks, a layer below the judge, never import it.
+    """
+
+    open_session: Callable[[Sequence[Messages]], ChatSession]  # chat sessions on the judge's model
+    rubric_for: Callable[[Record], Rubric | None]  # the record's group guideline, else the installed rubric
+    rng: np.random.Generator  # the judge's random state (`Judge.reseed`)
+    llm_probability: float  # chance that a response the rules could score goes to the LLM instead
+    generation_tokens: int  # token budget of each long generation (the judge's `plan_tokens`)
+    temperature: float
 
 
 # -- shared judge wording (item-wise protocol, reference §B.1) ----------------------------------
@@ -243,6 +274,13 @@ class Task:
     initial_rubrics: Mapping[str, Rubric] = field(default_factory=dict, repr=False, compare=False, hash=False)
     rubric_limits: RubricLimits = DEFAULT_LIMITS
     prompt_defaults: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+    # Names of the groups that each refine their own guideline (`rubric_group`); () means one
+    # rubric for every record. A grouped task also writes the MRM's case-analysis turns
+    # (`meta_cases_analysis`, `meta_guidelines_request`).
+    rubric_groups: tuple[str, ...] = ()
+    # Whether `score_own` scores this task instead of the judge's item-wise protocol (whose
+    # items need scales).
+    own_judge: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         # Tasks are shared registry singletons: freeze their mappings too.
@@ -264,6 +302,16 @@ class Task:
     def prompt_text(self, record: Record) -> str:
         """The record's prompt material as one plain text, the MRM's "student prompt"."""
         return "\n\n".join(f"{label}:\n{text.strip()}" for label, text in self.prompt_blocks(record))
+
+    # -- hooks for tasks that depart from one item-wise rubric (MATH) --------------------------
+
+    def rubric_group(self, record: Record) -> int | None:
+        """Index into `rubric_groups` of the guideline that scores `record`; None: the run's rubric."""
+        return None
+
+    def score_own(self, records: Sequence[Record], responses: Sequence[str], tools: JudgeTools) -> list[JudgeResult]:
+        """The task's own judge program, for tasks with `own_judge` set."""
+        raise NotImplementedError(f"the {self.name} task is scored by the judge's item-wise protocol")
 
     # -- rule gates ---------------------------------------------------------------------------
 

@@ -8,20 +8,33 @@ Scoring differs from the other tasks:
   answer by Hendrycks `is_equiv` -> 5 or 0.
 - The LLM mode (plan -> execute -> score, 0-5) uses `judge_plan_request`,
   `judge_execute_request` and `judge_score_request`, after the same 30-word `rationale_gate`.
-  The paper tosses a fair coin per judge call between the two modes; that is the judge's job.
-- The "rubric" is a single free-text guideline document per (subject, cluster) group, stored as
-  a one-item `Rubric`; the MRM analyses groups of evaluation cases and rewrites the guidelines
+  The paper tosses a fair coin per judge call between the two modes: `MathTask.score_own`, the
+  task's own judge program, draws it from the judge's random state.
+- The "rubric" is a single free-text guideline document per subject (`rubric_groups`), stored
+  as a one-item `Rubric`; the MRM analyses groups of evaluation cases and rewrites the guidelines
   (`meta_cases_analysis`, `meta_guidelines_request`), with no merge step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import Rubric, RubricLimits
-from mpo_jax.tasks.base import GateResult, Record, Task, block, field_text, fill, format_score, word_count
+from mpo_jax.tasks.base import (
+    END_OF_EVALUATION,
+    GateResult,
+    JudgeResult,
+    JudgeTools,
+    Record,
+    Task,
+    block,
+    field_text,
+    fill,
+    format_score,
+    word_count,
+)
 from mpo_jax.tasks.math_answer import first_boxed_content, is_equiv
 
 NAME = "math"
@@ -158,7 +171,57 @@ def _prompt_blocks(record: Record) -> tuple[tuple[str, str], ...]:
 
 
 class MathTask(Task):
-    """`Task` plus MATH's plan-then-execute judge and guideline-refining MRM turns."""
+    """`Task` plus MATH's own judge program (answer check or plan-then-execute), one guideline
+    per subject, and the guideline-refining MRM turns."""
+
+    own_judge: ClassVar[bool] = True
+
+    def rubric_group(self, record: Record) -> int | None:
+        """The record's subject index; None (the run's guideline) for a record of no known subject."""
+        try:
+            return subject_id(record)
+        except ValueError:
+            return None
+
+    def score_own(self, records: Sequence[Record], responses: Sequence[str], tools: JudgeTools) -> list[JudgeResult]:
+        """Per sample a coin (`tools.llm_probability`): the answer check (5/0) or the LLM judge (0-5).
+
+        The 30-word rationale gate scores 0 either way; every sample draws its coin, so the
+        random state advances by one draw per sample whatever the outcome.
+        """
+        results: list[JudgeResult | None] = [None] * len(records)
+        use_llm = tools.rng.random(len(records)) < tools.llm_probability
+        llm_rows = []
+        for i, (record, response) in enumerate(zip(records, responses, strict=True)):
+            gate = rationale_gate(record, response)
+            if gate is None and use_llm[i]:
+                llm_rows.append(i)
+                continue
+            verdict = gate or answer_check(record, response)
+            results[i] = JudgeResult(score=verdict.score, item_scores=[verdict.score], rationales=[verdict.reason],
+                                     parse_failures=0, rule="rationale gate" if gate else "answer check")
+        if llm_rows:
+            scored = self._plan_execute([records[i] for i in llm_rows], [responses[i] for i in llm_rows], tools)
+            for i, result in zip(llm_rows, scored, strict=True):
+                results[i] = result
+        return results
+
+    def _plan_execute(self, records: Sequence[Record], responses: Sequence[str], tools: JudgeTools
+                      ) -> list[JudgeResult]:
+        """The LLM judge: write an evaluation plan from the guideline, execute it on the solution, score 0-5."""
+        session = tools.open_session([[{"role": "system", "content": self.judge_system}] for _ in records])
+        stop = (END_OF_EVALUATION,)
+        plans = session.say([[{"role": "user", "content": self.judge_plan_request(r, _guideline_text(tools, r))}]
+                             for r in records], max_tokens=tools.generation_tokens, stop=stop,
+                            temperature=tools.temperature)
+        evaluations = session.say([[{"role": "user", "content": self.judge_execute_request(p, resp)}]
+                                   for p, resp in zip(plans, responses, strict=True)],
+                                  max_tokens=tools.generation_tokens, stop=stop, temperature=tools.temperature)
+        scores = session.say_integer([[{"role": "user", "content": self.judge_score_request(e)}]
+                                      for e in evaluations], max_digits=1)
+        return [JudgeResult(score=float(min(s, 5) if s is not None else 0), item_scores=[float(min(s or 0, 5))],
+                            rationales=[f"{p.strip()}\n\n{e.strip()}"], parse_failures=int(s is None), rule=None)
+                for p, e, s in zip(plans, evaluations, scores, strict=True)]
 
     def judge_plan_request(self, record: Record, guidelines: str) -> str:
         material = "\n\n".join([block("Problem", field_text(record, "problem", NAME)),
@@ -182,6 +245,12 @@ class MathTask(Task):
 
     def meta_guidelines_request(self, analysis: str, max_words: int) -> str:
         return fill(META_GUIDELINES, analysis_block=block("Meta-Level Analysis", analysis), max_words=str(max_words))
+
+
+def _guideline_text(tools: JudgeTools, record: Record) -> str:
+    """The guideline the plan follows: the record's subject's, else the installed one ("" if none)."""
+    rubric = tools.rubric_for(record)
+    return "\n\n".join(rubric.items) if rubric is not None else ""
 
 
 def _case_block(index: int, case: Mapping[str, Any]) -> str:
@@ -211,4 +280,5 @@ TASK = MathTask(
     gate=answer_check,
     initial_rubrics={"iter0": Rubric((ITER0,), task=NAME)},
     rubric_limits=GUIDELINE_LIMITS,
+    rubric_groups=MATH_SUBJECTS,
 )

@@ -12,36 +12,69 @@ names derived from their pytree paths (`params/policy/layers/q_proj_lora_a/value
 stored layout does not depend on how nnx or optax flatten their containers, and a restore can
 name every path where the checkpoint and the freshly built template differ.
 
+Files can still be damaged after a save (a disk fault, a partial copy, bytes flipped). Orbax
+detects some of it (an unreadable index or chunk) but restores flipped bytes inside an array's
+data silently, so each save also stores two 32-bit sums of every array's bits in the host state,
+and a restore recomputes and compares them. A checkpoint that cannot be read back or whose sums
+differ raises `CheckpointCorruptError`; `restore_latest` then falls back to the newest one that
+restores.
+
 `PreemptionGuard` turns SIGTERM (TPU preemption, `kill`) into a flag the training loop polls
 after each update; the loop then saves with `force=True` and exits.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mpo_jax.errors import InvalidValueError, MissingFileError, MpoError
+from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
 from mpo_jax.rl.train_state import TrainState
+
+_LOG = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 HOST_ITEM = "host"
+# Host-state key of the per-array bit sums written by `save` and checked by `restore`.
+FINGERPRINTS_KEY = "_array_fingerprints"
+CORRUPT_SUFFIX = ".corrupt"  # a checkpoint set aside by `restore_latest` (orbax ignores the name)
 _MAX_LISTED = 12  # mismatching paths shown in an error before "... and N more"
 
 
 class CheckpointMismatchError(MpoError, ValueError):
     """The checkpoint's arrays do not fit the template state (different model or config)."""
+
+
+class CheckpointCorruptError(FileFormatError):
+    """A checkpoint's files cannot be read back, or its arrays differ from what was saved."""
+
+
+class NoRestorableCheckpointError(CheckpointCorruptError):
+    """Every checkpoint of a directory is corrupt or partial."""
+
+
+@dataclass(frozen=True)
+class RestoredCheckpoint:
+    """What `Checkpointer.restore_latest` restored, and the newer checkpoints it had to skip."""
+
+    update: int
+    state: TrainState
+    host_state: dict[str, Any]
+    skipped: tuple[tuple[int, str], ...] = ()  # (update, why it did not restore), newest first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +138,54 @@ def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:
 
 
 # ---------------------------------------------------------------------------------------------
+# array fingerprints
+
+
+def _as_uint32(leaf: jax.Array) -> jax.Array:
+    """The leaf's bits as uint32 values (narrower types widened, 64-bit types split in two)."""
+    if leaf.dtype == jnp.bool_:
+        return leaf.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[jnp.dtype(leaf.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_arrays(leaves: list[jax.Array]) -> jax.Array:
+    """[n, 2] uint32: per leaf, the sum of its bits and the sum weighted by position (both mod 2**32).
+
+    Integer sums do not depend on the reduction order, so the values are the same on any mesh;
+    the weighted sum also changes when values only trade places.
+    """
+    rows = []
+    for leaf in leaves:
+        bits = _as_uint32(leaf).reshape(-1)
+        weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+        rows.append(jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)]))
+    return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
+
+
+def _fingerprints(names: list[tuple[str, ...]], leaves: list[Any]) -> dict[str, list[int]]:
+    sums = np.asarray(jax.device_get(_fingerprint_arrays(list(leaves))))
+    return {"/".join(name): [int(a), int(b)] for name, (a, b) in zip(names, sums, strict=True)}
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (each process reads only its own shards)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error, clipped: TensorStore messages run to kilobytes of JSON spec."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# ---------------------------------------------------------------------------------------------
 # host state validation
 
 
@@ -145,9 +226,11 @@ class Checkpointer:
 
     Call `save` after every update: it writes when `update % save_every == 0` (or with `force`).
     All processes of a multi-host run must call `save`, `restore` and `close` together.
+    `create=False` opens existing checkpoints for reading without creating the directory.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = False):
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = False,
+                 create: bool = True):
         if not isinstance(save_every, int) or save_every < 1:
             raise InvalidValueError(f"save_every must be a positive integer (updates between checkpoints), "
                                     f"got {save_every!r}")
@@ -156,7 +239,7 @@ class Checkpointer:
         self.directory = _as_path(directory)
         self.save_every = save_every
         self.keep = keep
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=create,
                                                enable_async_checkpointing=async_save)
         handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), HOST_ITEM: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -186,9 +269,13 @@ class Checkpointer:
             raise InvalidValueError(f"update {update} is older than the latest checkpoint (update {max(steps)}) in "
                                     f"{self.directory}; restore the latest checkpoint before training on, or write "
                                     "to a new directory")
+        if FINGERPRINTS_KEY in host_state:
+            raise InvalidValueError(f"host_state may not use the key {FINGERPRINTS_KEY!r}; the checkpointer "
+                                    "stores the arrays' fingerprints under it")
         names, leaves, _ = _named_leaves(_saved_tree(state))
+        host = {**host_state, FINGERPRINTS_KEY: _fingerprints(names, leaves)}
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(_nest(names, leaves)),
-                                     HOST_ITEM: ocp.args.JsonSave(dict(host_state))})
+                                     HOST_ITEM: ocp.args.JsonSave(host)})
         return bool(self._manager.save(update, args=args, force=True))
 
     def wait_until_finished(self) -> None:
@@ -221,18 +308,83 @@ class Checkpointer:
         Arrays land with the shapes, dtypes and shardings of `template_state`, a state built
         fresh for this run (its array leaves may be `jax.ShapeDtypeStruct`s with shardings).
         Everything not saved (frozen weights, reference parameters, optimizer) comes from it.
+        Raises `CheckpointMismatchError` when the checkpoint belongs to another config and
+        `CheckpointCorruptError` when its files cannot be read back or its arrays changed on disk.
         """
         update = self._resolve_update(update)
+        where = self.directory / str(update)
         names, leaves, treedef = _named_leaves(_saved_tree(template_state))
         targets = [_restore_target(leaf) for leaf in leaves]
-        self._check_matches(update, names, targets)
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(_nest(names, targets)),
                                      HOST_ITEM: ocp.args.JsonRestore()})
-        restored = self._manager.restore(update, args=args)
-        arrays = [_pick(restored[STATE_ITEM], name) for name in names]
+        failure: Exception | None = None
+        try:
+            self._check_matches(update, names, targets)
+            restored = self._manager.restore(update, args=args)
+            arrays = [_pick(restored[STATE_ITEM], name) for name in names]
+            host = dict(restored[HOST_ITEM])
+        except MpoError:
+            raise
+        except Exception as err:  # orbax and TensorStore raise ValueError, OSError, KeyError, ...
+            failure = err
+        if not _all_processes_agree(failure is None):
+            reason = _short(failure) if failure is not None else "another process could not read its shards"
+            raise CheckpointCorruptError(f"checkpoint {where} cannot be read back ({reason})") from failure
+        expected = host.pop(FINGERPRINTS_KEY, None)  # None: written before fingerprints existed
+        if expected is not None:
+            got = _fingerprints(names, arrays)
+            changed = sorted(name for name in got if expected.get(name) != got[name])
+            if changed:
+                shown = ", ".join(changed[:_MAX_LISTED]) + (f" and {len(changed) - _MAX_LISTED} more"
+                                                            if len(changed) > _MAX_LISTED else "")
+                raise CheckpointCorruptError(f"checkpoint {where} is corrupt: the contents of {len(changed)} "
+                                             f"array(s) differ from what was saved ({shown})")
         tree = jax.tree_util.tree_unflatten(treedef, arrays)
         state = template_state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
-        return state, dict(restored[HOST_ITEM])
+        return state, host
+
+    def restore_latest(self, template_state: TrainState, *, set_aside: bool = False) -> RestoredCheckpoint | None:
+        """The newest checkpoint that restores (None when there is no checkpoint at all).
+
+        A corrupt or partial checkpoint is skipped with a warning naming it. With `set_aside` (a
+        run resuming), the skipped ones are renamed to `<update>.corrupt` once an older one
+        restored, so the run saves those updates again; nothing is renamed when none restores.
+        Raises `NoRestorableCheckpointError` when every checkpoint fails.
+        """
+        skipped: list[tuple[int, str]] = []
+        for update in reversed(self.all_updates()):
+            try:
+                state, host = self.restore(update, template_state)
+            except CheckpointCorruptError as err:
+                _LOG.warning("%s; trying the previous checkpoint", err)
+                skipped.append((update, str(err)))
+                continue
+            if skipped and set_aside:
+                self._set_aside([bad for bad, _ in skipped])
+            return RestoredCheckpoint(update=update, state=state, host_state=host, skipped=tuple(skipped))
+        if skipped:
+            raise NoRestorableCheckpointError(
+                f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(r for _, r in skipped)
+                + "\nRestore the files from a copy, or move the folder away to start the run over")
+        return None
+
+    def _set_aside(self, updates: list[int]) -> None:
+        """Rename bad checkpoints out of orbax's sight (process 0 renames; every process reloads)."""
+        if jax.process_index() == 0:
+            for update in updates:
+                source = self.directory / str(update)
+                target = self.directory / f"{update}{CORRUPT_SUFFIX}"
+                number = 1
+                while target.exists():
+                    target = self.directory / f"{update}{CORRUPT_SUFFIX}-{number}"
+                    number += 1
+                source.rename(target)
+                _LOG.warning("moved the unreadable checkpoint %s to %s", source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mpo_jax_checkpoint_set_aside")
+        self._manager.reload()
 
     def _resolve_update(self, update: int | None) -> int:
         available = self.all_updates()

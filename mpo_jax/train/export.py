@@ -5,7 +5,9 @@
 
 A checkpoint stores only what training changed (LoRA adapters or all weights, a value head,
 optimizer state); the rest comes from the base model named in the run's `config.json`. So the
-policy is rebuilt exactly as the trainer builds it, the checkpoint is restored onto it, each
+policy is rebuilt exactly as the trainer builds it and the checkpoint is restored onto it, both
+through `train/run_dir.py` (which reads the checkpoints from the config's `checkpoint.directory`
+when the run wrote them elsewhere, e.g. gs://, and skips a corrupt latest one); then each
 LoRA adapter is folded into its base matrix (W + (alpha / rank) * A @ B, matrices stored
 (in, out) as in `models/transformer.py`; an `lm_head` adapter on a tied model unties it), the
 value head is dropped, and the weights are written with `export_hf_checkpoint` next to the
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mpo_jax.errors import MpoError
+from mpo_jax.train.run_dir import CHECKPOINTS_DIR, checkpoint_directory, load_run_config, locate_run, restore_policy
 
 FORMATS = ("hf",)
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -46,14 +49,6 @@ class ExportError(MpoError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class RunCheckpoint:
-    """Where a checkpoint lives: the run directory and the update to restore (None: the latest)."""
-
-    run_dir: Path
-    update: int | None
-
-
-@dataclasses.dataclass(frozen=True)
 class ExportResult:
     """What `export_policy` wrote and where it came from."""
 
@@ -67,85 +62,7 @@ class ExportResult:
     files: tuple[str, ...]
 
 
-# -- locating the run and the checkpoint -----------------------------------------------------------
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
-
-
-def locate_checkpoint(path: str | os.PathLike, update: int | None = None) -> RunCheckpoint:
-    """The run directory and update named by `path`: a run dir, its `checkpoints/`, or `checkpoints/<n>`."""
-    path = Path(path).expanduser()
-    if update is not None and (isinstance(update, bool) or not isinstance(update, int) or update < 0):
-        raise ExportError(f"update must be a non-negative integer (a folder name under checkpoints/), got {update!r}")
-    if _is_run_dir(path):
-        return RunCheckpoint(path, update)
-    if path.name == "checkpoints" and _is_run_dir(path.parent):
-        return RunCheckpoint(path.parent, update)
-    if path.name.isdigit() and path.parent.name == "checkpoints" and _is_run_dir(path.parent.parent):
-        named = int(path.name)
-        if update is not None and update != named:
-            raise ExportError(f"{path} is the checkpoint of update {named} but update={update} was asked for; "
-                              "give one of them (the run directory with --update, or the checkpoint folder)")
-        return RunCheckpoint(path.parent.parent, named)
-    if not path.exists():
-        raise ExportError(f"{path} does not exist; give a run directory written by `mpo-jax train` (it holds "
-                          "config.json and checkpoints/) or one of its checkpoints, RUN_DIR/checkpoints/<update>")
-    raise ExportError(f"{path} is not a run directory (no config.json next to a checkpoints/ folder) nor a "
-                      "checkpoint folder RUN_DIR/checkpoints/<update>; point at the folder `mpo-jax train` "
-                      "wrote (its --config.run_dir)")
-
-
-def _read_train_config(run_dir: Path) -> Any:
-    from mpo_jax.train.config import ConfigError, to_train_config
-
-    path = run_dir / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path} is not valid JSON ({err}); it is written by `mpo-jax train` at the start "
-                          "of a run: restore it from the run's original config") from None
-    try:
-        return to_train_config(data)
-    except ConfigError as err:
-        raise ExportError(f"{path} does not describe a run this version can rebuild: {err}") from None
-
-
-def _check_update_available(checkpointer: Any, run_dir: Path, update: int | None) -> int:
-    available = checkpointer.all_updates()
-    if not available:
-        raise ExportError(f"{run_dir} has no finished checkpoint in {run_dir / 'checkpoints'}; the trainer saves "
-                          "every checkpoint.every updates and at the end of the run, so train further first")
-    if update is None:
-        return available[-1]
-    if update not in available:
-        raise ExportError(f"{run_dir} has no checkpoint for update {update}; available updates: {available}")
-    return update
-
-
-# -- rebuilding and restoring the policy -----------------------------------------------------------
-
-
-def restore_policy(run: RunCheckpoint) -> tuple[Any, Any, int, dict[str, Any]]:
-    """(policy LanguageModel, restored TrainState, update, host state), rebuilt as the trainer does."""
-    from mpo_jax.train.checkpoint import Checkpointer
-    from mpo_jax.train.config import ConfigError
-    from mpo_jax.train.model_specs import build_policy_and_state, check_model_available
-
-    config = _read_train_config(run.run_dir)
-    try:
-        check_model_available(config.policy, "policy")
-        if config.critic.name and config.algorithm != "grpo":
-            check_model_available(config.critic, "critic")
-    except ConfigError as err:
-        raise ExportError(f"the run's base model is needed to rebuild the policy: {err}") from None
-    # keep is large so that opening the manager can never prune a checkpoint of the run.
-    with Checkpointer(run.run_dir / "checkpoints", save_every=1, keep=1 << 30) as checkpointer:
-        update = _check_update_available(checkpointer, run.run_dir, run.update)
-        policy, _, template = build_policy_and_state(config, None)
-        state, host = checkpointer.restore(update, template)
-    return policy, state, update, host
+# -- the trained weights ---------------------------------------------------------------------------
 
 
 def merged_policy_params(state: Any, model_config: Any) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
@@ -269,10 +186,12 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 # -- the export ------------------------------------------------------------------------------------
 
 
-def _check_out_dir(out_dir: Path, run_dir: Path) -> None:
+def _check_out_dir(out_dir: Path, run_dir: Path, checkpoints: str | os.PathLike[str]) -> None:
     out, run = out_dir.resolve(), run_dir.resolve()
-    checkpoints = run / "checkpoints"
-    if out in (run, checkpoints) or checkpoints in out.parents:
+    protected = [run / CHECKPOINTS_DIR]
+    if "://" not in os.fspath(checkpoints):
+        protected.append(Path(checkpoints).expanduser().resolve())
+    if out == run or any(out == folder or folder in out.parents for folder in protected):
         raise ExportError(f"output folder {out_dir} would overwrite the run's own files (config.json, "
                           "checkpoints); choose a folder outside the run directory or a new subfolder of it")
     if out.exists() and not out.is_dir():
@@ -284,9 +203,10 @@ def export_policy(checkpoint_or_run_dir: str | os.PathLike, out_dir: str | os.Pa
                   max_shard_bytes: int | None = None) -> ExportResult:
     """Export a run's trained policy (latest checkpoint, or `update`) to `out_dir`.
 
-    `checkpoint_or_run_dir` is the run directory (the folder holding config.json and
-    checkpoints/) or `RUN_DIR/checkpoints/<update>`. `dtype` defaults to the policy's own
-    parameter dtype; `max_shard_bytes` splits the safetensors into shards.
+    `checkpoint_or_run_dir` is the run directory (the folder holding config.json), its
+    checkpoints/ folder or `RUN_DIR/checkpoints/<update>`. Without an update the newest
+    checkpoint that restores is exported. `dtype` defaults to the policy's own parameter dtype;
+    `max_shard_bytes` splits the safetensors into shards.
     """
     from mpo_jax.models.hf_checkpoint import export_hf_checkpoint
 
@@ -296,18 +216,19 @@ def export_policy(checkpoint_or_run_dir: str | os.PathLike, out_dir: str | os.Pa
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    run = locate_checkpoint(checkpoint_or_run_dir, update)
+    location = locate_run(checkpoint_or_run_dir, update)
     out = Path(out_dir).expanduser()
-    _check_out_dir(out, run.run_dir)
-    policy, state, restored_update, host = restore_policy(run)
+    _check_out_dir(out, location.run_dir, checkpoint_directory(load_run_config(location.run_dir), location.run_dir))
+    restored = restore_policy(location.run_dir, update=location.update, mesh=(1, 1, 1))
+    policy, state, restored_update, host = restored.model, restored.state, restored.update, restored.host_state
     params, merged = merged_policy_params(state, policy.config)
     model_config = exported_model_config(policy.config, params)
     out_dtype = dtype or model_config.param_dtype
     export_hf_checkpoint(model_config, params, out, dtype=out_dtype, max_shard_bytes=max_shard_bytes)
     save_tokenizer(policy.tokenizer, out, model_max_length=model_config.max_position_embeddings)
-    _write_json(out / PROVENANCE_FILE, _provenance(run.run_dir, restored_update, host, policy.config, merged))
+    _write_json(out / PROVENANCE_FILE, _provenance(location.run_dir, restored_update, host, policy.config, merged))
     files = tuple(sorted(p.name for p in out.iterdir() if p.is_file()))
-    return ExportResult(out_dir=out, run_dir=run.run_dir, update=restored_update, format=format, dtype=out_dtype,
+    return ExportResult(out_dir=out, run_dir=location.run_dir, update=restored_update, format=format, dtype=out_dtype,
                         lora_merged=merged, value_head_dropped=policy.config.value_head, files=files)
 
 
@@ -328,7 +249,7 @@ def _provenance(run_dir: Path, update: int, host: Mapping[str, Any], config: Any
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`mpo-jax export CHECKPOINT --format hf OUT_DIR`."""
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a run directory (latest checkpoint) or RUN_DIR/checkpoints/<update>")
+                        help="a run directory (its newest checkpoint that restores) or RUN_DIR/checkpoints/<update>")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the exported checkpoint")
     parser.add_argument("--format", default="hf", help="output format: hf (Hugging Face safetensors + tokenizer)")
     parser.add_argument("--update", type=int, help="the update to export when CHECKPOINT is a run directory")
@@ -354,6 +275,5 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ExportError", "ExportResult", "RunCheckpoint", "add_export_arguments", "export_policy",
-           "exported_model_config", "locate_checkpoint", "merge_lora", "merged_policy_params", "restore_policy",
-           "run_export", "save_tokenizer"]
+__all__ = ["ExportError", "ExportResult", "add_export_arguments", "export_policy", "exported_model_config",
+           "merge_lora", "merged_policy_params", "run_export", "save_tokenizer"]

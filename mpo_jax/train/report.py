@@ -3,12 +3,14 @@
     write_report(run_dir)        # RUN_DIR/report/{report.md, report.html, *.png}; returns that folder
     mpo-jax report RUN_DIR [--out DIR]
 
-The report is built as a short list of blocks (heading, paragraph, table, code, diff, image) and
-each block is rendered to Markdown and to HTML by one function per format, so every string is
-escaped at exactly one place. Rubric items, responses, prompts, analyses and error texts come from
-models and are untrusted: in HTML they are `html.escape`d (the page also carries a Content Security
-Policy that forbids scripts), in Markdown they go into fenced code blocks or have every ASCII
-punctuation character backslash-escaped. Nothing is rendered as a template.
+Three modules: `report_data` reads the run directory, `report_plots` draws the PNGs, and this one
+lays the report out as a short list of blocks (heading, paragraph, table, code, diff, image) and
+renders each block to Markdown and to HTML by one function per format, so every string is escaped
+at exactly one place. Rubric items, responses, prompts, analyses and error texts come from models
+and are untrusted: in HTML they are `html.escape`d (the page also carries a Content Security
+Policy that forbids scripts); in Markdown they go into fenced code blocks, which show them
+literally, and the report's own sentences escape only the characters that would start markup
+where they stand, so report.md also reads well as plain text. Nothing is rendered as a template.
 
 Optional pieces (rubric history, meta evaluations, rollouts, a metric) may be missing or
 unreadable: the report says so instead of failing. A folder with neither `metrics.jsonl` nor
@@ -25,310 +27,50 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-
-from mpo_jax.errors import InvalidValueError, MissingDependencyError, MpoError
-from mpo_jax.reward.rubric_history import HISTORY_FILE, HistoryEvent, RubricHistory
-from mpo_jax.rubric import Rubric, RubricError, diff
-from mpo_jax.train.metrics import METRICS_FILE, markdown_fence, read_metrics
+from mpo_jax.errors import InvalidValueError, MpoError
+from mpo_jax.fileio import atomic_write_text
+from mpo_jax.rubric import Rubric, diff
+from mpo_jax.train.metrics import markdown_fence
+from mpo_jax.train.report_data import (
+    MetaMarkers,
+    ReportError,
+    RunData,
+    is_number,
+    load_run,
+    meta_markers,
+    metric_series,
+)
+from mpo_jax.train.report_plots import PLOTS, write_plots
+from mpo_jax.train.run_dir import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    REPORT_DIR,
+    ROLLOUTS_FILE,
+)
 
 __all__ = [
     "CONFIG_FILE", "ROLLOUTS_FILE", "MetaMarkers", "ReportError", "RunData", "load_run", "markdown_text",
     "meta_markers", "metric_series", "render_html", "render_markdown", "report_main", "write_plots", "write_report",
 ]
 
-CONFIG_FILE = "config.json"
-ROLLOUTS_FILE = "rollouts.jsonl"
-REPORT_DIR = "report"
-_META_EVAL_RE = re.compile(r"^meta_evaluation_(\d+)\.json$")
-_RUBRIC_FILE_RE = re.compile(r"^rubric_iter_(\d+)\.txt$")
-# ASCII punctuation that can start or end Markdown syntax (emphasis, links, autolinks, HTML, entities,
-# tables, code, block markers, math); `,;/("'?%` cannot once these are escaped and stay readable.
-_MD_PUNCTUATION = re.compile(r"([!#$&)*+\-.:<=>@\[\\\]^_`{|}~])")
-
-
-class ReportError(MpoError, ValueError):
-    """The folder is not a run dir, or the report cannot be written there."""
-
-
-# -- loading --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunData:
-    """Everything the report reads from a run dir; `problems` lists optional pieces that were unreadable."""
-
-    run_dir: Path
-    config: dict[str, Any] | None
-    metrics: tuple[dict[str, Any], ...]
-    versions: tuple[Rubric, ...]
-    events: tuple[HistoryEvent, ...]
-    meta_evaluations: tuple[tuple[int, dict[str, Any]], ...]  # (update, meta_evaluation_{update}.json), by update
-    rollouts: tuple[dict[str, Any], ...]
-    problems: tuple[str, ...] = ()
-
-
-def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        problems.append(f"{CONFIG_FILE} could not be read: {err}")
-        return None
-    if not isinstance(config, dict):
-        problems.append(f"{CONFIG_FILE} holds a {type(config).__name__}, not a JSON object")
-        return None
-    return config
-
-
-def _read_rubrics(run_dir: Path, problems: list[str]) -> tuple[tuple[Rubric, ...], tuple[HistoryEvent, ...]]:
-    """The history if it loads; otherwise whatever `rubric_iter_{t}.txt` files parse (without events)."""
-    if (run_dir / HISTORY_FILE).is_file():
-        try:
-            history = RubricHistory.load(run_dir)
-            return history.versions, history.events
-        except (OSError, UnicodeDecodeError, RubricError) as err:
-            problems.append(f"{HISTORY_FILE} could not be read: {err}")
-    versions = []
-    for path in sorted(run_dir.glob("rubric_iter_*.txt")):
-        match = _RUBRIC_FILE_RE.match(path.name)
-        if not match:
-            continue
-        try:
-            versions.append(Rubric.parse(path.read_text(encoding="utf-8"), iteration=int(match.group(1))))
-        except (OSError, UnicodeDecodeError, RubricError) as err:
-            problems.append(f"{path.name} could not be read: {err}")
-    return tuple(sorted(versions, key=lambda rubric: rubric.iteration)), ()
-
-
-def _read_meta_evaluations(run_dir: Path, problems: list[str]) -> tuple[tuple[int, dict[str, Any]], ...]:
-    found = []
-    for path in run_dir.glob("meta_evaluation_*.json"):
-        match = _META_EVAL_RE.match(path.name)
-        if not match:
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            problems.append(f"{path.name} could not be read: {err}")
-            continue
-        if not isinstance(data, dict):
-            problems.append(f"{path.name} holds a {type(data).__name__}, not a JSON object")
-            continue
-        found.append((int(match.group(1)), data))
-    return tuple(sorted(found, key=lambda pair: pair[0]))
-
-
-def _read_rollouts(path: Path, problems: list[str]) -> tuple[dict[str, Any], ...]:
-    if not path.is_file():
-        return ()
-    rows = []
-    bad = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        problems.append(f"{ROLLOUTS_FILE}: skipped {bad} line(s) that are not JSON objects")
-    return tuple(rows)
-
-
-def load_run(run_dir: str | os.PathLike[str]) -> RunData:
-    """Read a run dir; raises `ReportError` if it is not one (neither metrics.jsonl nor config.json)."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise ReportError(f"{root} is not a directory; pass the run dir the trainer wrote (it holds {METRICS_FILE})")
-    if not (root / METRICS_FILE).is_file() and not (root / CONFIG_FILE).is_file():
-        raise ReportError(f"{root} is not an mpo-jax run dir: it has neither {METRICS_FILE} nor {CONFIG_FILE}; "
-                          f"pass the folder the trainer wrote")
-    problems: list[str] = []
-    metrics: list[dict[str, Any]] = []
-    if (root / METRICS_FILE).is_file():
-        try:
-            metrics = read_metrics(root)
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            problems.append(f"{METRICS_FILE} could not be read: {err}")
-    config = _read_config(root / CONFIG_FILE, problems)
-    versions, events = _read_rubrics(root, problems)
-    return RunData(run_dir=root, config=config, metrics=tuple(metrics), versions=versions, events=events,
-                   meta_evaluations=_read_meta_evaluations(root, problems),
-                   rollouts=_read_rollouts(root / ROLLOUTS_FILE, problems), problems=tuple(problems))
-
-
-# -- series and markers ---------------------------------------------------------------------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def metric_series(metrics: Sequence[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(updates, values) of one metric over the records that have it as a number (NaN kept)."""
-    pairs = [(record["update"], float(record[name])) for record in metrics if _is_number(record.get(name))]
-    updates = np.array([pair[0] for pair in pairs], dtype=np.int64)
-    return updates, np.array([pair[1] for pair in pairs], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class MetaMarkers:
-    """Updates to mark on the plots: a new rubric was accepted, or a meta step kept the old one."""
-
-    accepted: tuple[int, ...]
-    kept: tuple[int, ...]
-
-
-def meta_markers(run: RunData) -> MetaMarkers:
-    """Accepted: `created_step` of every non-initial rubric version and accepted meta evaluations.
-
-    Kept: the other updates where a meta step ran (`meta/step` != 0 in the metrics, or a
-    meta_evaluation file) and the rubric did not change.
-    """
-    accepted = {rubric.created_step for rubric in run.versions
-                if rubric.parent is not None and rubric.created_step is not None}
-    accepted |= {update for update, data in run.meta_evaluations if data.get("accepted") is True}
-    ran = {record["update"] for record in run.metrics
-           if _is_number(record.get("meta/step")) and math.isfinite(record["meta/step"]) and record["meta/step"] != 0}
-    ran |= {update for update, _ in run.meta_evaluations}
-    return MetaMarkers(accepted=tuple(sorted(accepted)), kept=tuple(sorted(ran - accepted)))
-
-
-# -- plots ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlotSpec:
-    """One PNG: the metrics drawn on the left axis and, optionally, on a right axis."""
-
-    name: str
-    title: str
-    left: tuple[str, ...]
-    left_label: str
-    right: tuple[str, ...] = ()
-    right_label: str = ""
-    band: tuple[str, str] | None = None  # (mean metric, std metric) drawn as mean ± std
-    steps: bool = False  # piecewise-constant metrics (rubric sizes) drawn as steps
-    prefix: str = ""  # also draw every metric whose name starts with this (e.g. one line per hack detector)
-
-
-PLOTS: tuple[PlotSpec, ...] = (
-    PlotSpec("score", "Judge score", ("score/mean", "objective/scores"), "score", band=("score/mean", "score/std")),
-    PlotSpec("kl", "KL(policy || reference)", ("objective/kl",), "KL"),
-    PlotSpec("response_length", "Response length", ("response/length_mean",), "tokens"),
-    PlotSpec("rubric_length", "Rubric length", ("rubric/items",), "items", ("rubric/tokens",), "tokens", steps=True),
-    PlotSpec("eval_scores", "Held-out prompts: training judge and independent judge",
-             ("eval/judge_score", "eval/independent_score"), "score", ("eval/length_mean",), "tokens"),
-    PlotSpec("eval_hacks", "Held-out prompts: hack detectors (share of responses flagged)", ("eval/hack/any",),
-             "rate", prefix="eval/hack/"),
-)
-
-
-_RIGHT_COLORS = ("tab:purple", "tab:brown", "tab:olive")  # never the markers' red or grey
-
-
-def _draw_markers(ax: Any, markers: MetaMarkers) -> None:
-    for index, update in enumerate(markers.accepted):
-        ax.axvline(update, color="tab:red", linestyle="-", linewidth=1.2, alpha=0.7,
-                   label="new rubric" if index == 0 else None)
-    for index, update in enumerate(markers.kept):
-        ax.axvline(update, color="0.5", linestyle=":", linewidth=1.0, alpha=0.8,
-                   label="meta step, rubric kept" if index == 0 else None)
-
-
-def _rubric_item_steps(run: RunData) -> tuple[np.ndarray, np.ndarray]:
-    """Items per rubric version at the update it took effect (initial version at the first update)."""
-    first = run.metrics[0]["update"] if run.metrics else 0
-    points = [(rubric.created_step if rubric.created_step is not None else first, rubric.num_items)
-              for rubric in run.versions]
-    if run.metrics and points:
-        points.append((run.metrics[-1]["update"], points[-1][1]))
-    points.sort()
-    return np.array([p[0] for p in points], dtype=np.int64), np.array([p[1] for p in points], dtype=np.float64)
-
-
-def _plot_one(spec: PlotSpec, run: RunData, markers: MetaMarkers, path: Path) -> bool:
-    """Draw `spec` to `path`; False (and no file) when none of its metrics has data."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    left = list(spec.left)
-    if spec.prefix:
-        left += sorted({k for m in run.metrics for k in m if k.startswith(spec.prefix) and k not in left})
-    lines = [(name, *metric_series(run.metrics, name)) for name in left]
-    lines = [line for line in lines if line[1].size]
-    right = [(name, *metric_series(run.metrics, name)) for name in spec.right]
-    right = [line for line in right if line[1].size]
-    if not lines and spec.name == "rubric_length" and run.versions:
-        lines = [("items (from rubric history)", *_rubric_item_steps(run))]
-    if not lines and not right:
-        return False
-    fig = Figure(figsize=(7.5, 3.6), dpi=110)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, updates, values in lines:
-        ax.plot(updates, values, marker="." if updates.size < 60 else None, label=name,
-                drawstyle="steps-post" if spec.steps else "default")
-    if spec.band is not None:
-        mean_updates, mean = metric_series(run.metrics, spec.band[0])
-        std_updates, std = metric_series(run.metrics, spec.band[1])
-        if mean.size and std.size and np.array_equal(mean_updates, std_updates):
-            ax.fill_between(mean_updates, mean - std, mean + std, alpha=0.2, label=f"± {spec.band[1]}")
-    _draw_markers(ax, markers)
-    ax.set_title(spec.title)
-    ax.set_xlabel("update")
-    ax.set_ylabel(spec.left_label)
-    if spec.steps:
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if right:
-        twin = ax.twinx()
-        for index, (name, updates, values) in enumerate(right):
-            twin.plot(updates, values, color=_RIGHT_COLORS[index % len(_RIGHT_COLORS)], linestyle="--", label=name,
-                      drawstyle="steps-post" if spec.steps else "default")
-        twin.set_ylabel(spec.right_label)
-        more_handles, more_labels = twin.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, fontsize="small", loc="best")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return True
-
-
-def write_plots(run: RunData, out_dir: str | os.PathLike[str],
-                markers: MetaMarkers | None = None) -> dict[str, Path]:
-    """Write one PNG per `PLOTS` entry that has data; returns {plot name: path}."""
-    try:
-        import matplotlib  # noqa: F401 - checked here so the error names the missing package
-    except ImportError as err:
-        raise MissingDependencyError(f"the report's plots need matplotlib ({err}); install it with "
-                                     f"`pip install 'matplotlib>=3.8'`") from err
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    markers = meta_markers(run) if markers is None else markers
-    written = {}
-    for spec in PLOTS:
-        path = out / f"{spec.name}.png"
-        if _plot_one(spec, run, markers, path):
-            written[spec.name] = path
-        else:
-            path.unlink(missing_ok=True)  # a stale plot from an earlier report would mislead
-    return written
+# Inline Markdown that can start anywhere in a line: backslash escapes, code spans, emphasis and
+# strikethrough, raw HTML and autolinks, links and images, math (GitHub's `$`).
+_MD_ANYWHERE = re.compile(r"[\\`*~<\[$]")
+_MD_ENTITY = re.compile(r"&(?=#?[0-9A-Za-z]+;)")  # `&amp;` would show as `&`
+_MD_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")  # intraword `_` is never emphasis
+# At the start of a paragraph: a heading, a block quote, a bullet or a thematic break ...
+_MD_BLOCK_MARK = re.compile(r"^(?:#{1,6}(?=\s|$)|>|[-+](?=\s|$)|-(?=(?:\s*-){2,}\s*$))")
+_MD_ORDERED_MARK = re.compile(r"^(\d{1,9})([.)])(?=\s|$)")  # ... or a numbered list item
+_MD_HEADING_END = re.compile(r"(?<=\s)#(?=#*\s*$)")  # a closing `#` run would be dropped from a heading
+MarkdownContext = Literal["any", "paragraph", "heading", "cell", "alt"]
 
 
 # -- document blocks ------------------------------------------------------------------------------
@@ -443,7 +185,7 @@ def _last_metrics(run: RunData) -> list[Block]:
 
 
 def _format_time(value: Any) -> str:
-    if not _is_number(value) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         return "an unknown time"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
 
@@ -572,24 +314,37 @@ def build_blocks(run: RunData, plots: dict[str, Path], markers: MetaMarkers, *, 
 # -- Markdown -------------------------------------------------------------------------------------
 
 
-def markdown_text(text: str) -> str:
-    """Plain text safe as Markdown inline content: one line, markup punctuation backslash-escaped.
+def markdown_text(text: str, context: MarkdownContext = "any") -> str:
+    """Plain text as one line of Markdown inline content, with only the characters escaped that
+    would start markup where the text stands.
 
-    CommonMark lets any ASCII punctuation be escaped; escaping every character that can begin or
-    close syntax means no emphasis, link, HTML tag, entity, table pipe or autolink can form.
+    Everywhere: backslash, backtick, `*`, `~`, `<`, `[`, `$`, an `&` that spells an entity and
+    `_` at a word edge. A paragraph: a heading, quote, list or rule marker at its start. A
+    heading: a closing `#` run. A table cell: `|`. Image alt text: `]`. "any" applies all of
+    them, so its result is safe in each of those places. `:`, `-`, `.` and the like stay as they are.
     """
-    return _MD_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
+    text = _MD_ANYWHERE.sub(r"\\\g<0>", " ".join(str(text).split()))
+    text = _MD_UNDERSCORE.sub(r"\\_", _MD_ENTITY.sub(r"\\&", text))
+    if context in ("any", "cell"):
+        text = text.replace("|", r"\|")
+    if context in ("any", "alt"):
+        text = text.replace("]", r"\]")
+    if context in ("any", "heading"):
+        text = _MD_HEADING_END.sub(r"\\#", text)
+    if context in ("any", "paragraph"):
+        text = _MD_ORDERED_MARK.sub(r"\1\\\2", _MD_BLOCK_MARK.sub(r"\\\g<0>", text))
+    return text
 
 
 def _markdown_block(block: Block, out_dir: Path) -> str:
     if isinstance(block, Heading):
-        return f"{'#' * block.level} {markdown_text(block.text)}"
+        return f"{'#' * block.level} {markdown_text(block.text, 'heading')}"
     if isinstance(block, Para):
-        return markdown_text(block.text)
+        return markdown_text(block.text, "paragraph")
     if isinstance(block, Table):
-        lines = ["| " + " | ".join(markdown_text(cell) or " " for cell in block.header) + " |",
+        lines = ["| " + " | ".join(markdown_text(cell, "cell") or " " for cell in block.header) + " |",
                  "|" + "---|" * len(block.header)]
-        lines += ["| " + " | ".join(markdown_text(cell) for cell in row) + " |" for row in block.rows]
+        lines += ["| " + " | ".join(markdown_text(cell, "cell") for cell in row) + " |" for row in block.rows]
         return "\n".join(lines)
     if isinstance(block, Code):
         return markdown_fence(block.text, block.language)
@@ -597,7 +352,7 @@ def _markdown_block(block: Block, out_dir: Path) -> str:
         return markdown_fence(block.text, "diff")
     if isinstance(block, Image):
         target = os.path.relpath(block.path, out_dir).replace(os.sep, "/")
-        return f"![{markdown_text(block.alt)}]({urllib.parse.quote(target)})"
+        return f"![{markdown_text(block.alt, 'alt')}]({urllib.parse.quote(target)})"
     raise TypeError(f"unknown report block {type(block).__name__}")
 
 
@@ -660,17 +415,6 @@ def render_html(blocks: Sequence[Block], title: str = "MPO run report") -> str:
 # -- writing --------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, *,
                  rollouts_per_version: int = 3, text_limit: int = 3000) -> Path:
     """Write plots, `report.md` and `report.html` to `out_dir` (default RUN_DIR/report); returns that folder."""
@@ -686,9 +430,9 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     markers = meta_markers(run)
     plots = write_plots(run, out, markers)
     blocks = build_blocks(run, plots, markers, rollouts_per_version=rollouts_per_version, text_limit=text_limit)
-    _atomic_write_text(out / "report.md", render_markdown(blocks, out))
+    atomic_write_text(out / "report.md", render_markdown(blocks, out))
     title = blocks[0].text if isinstance(blocks[0], Heading) else "MPO run report"
-    _atomic_write_text(out / "report.html", render_html(blocks, title))
+    atomic_write_text(out / "report.html", render_html(blocks, title))
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mpo_jax.engine.language_model import LanguageModel
-from mpo_jax.engine.sampling import SamplingParams
+from mpo_jax.engine.sampling import SamplingParams, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,18 +29,6 @@ class Rollouts:
         return self.response_mask.sum(axis=1)
 
 
-def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, ids in enumerate(rows):
-        if len(ids) > length:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the query length {length}")
-        if len(ids):
-            tokens[i, length - len(ids):] = ids
-            mask[i, length - len(ids):] = True
-    return tokens, mask
-
-
 def sample_rollouts(policy: LanguageModel, records: Sequence[dict], prompt_ids: Sequence[Sequence[int]], *,
                     query_length: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                     top_k: int = 0, seed: int = 0) -> Rollouts:
@@ -53,6 +41,9 @@ def sample_rollouts(policy: LanguageModel, records: Sequence[dict], prompt_ids: 
     width = min(max_new_tokens, out.tokens.shape[1])
     mask[:, :width] = out.mask[:, :width]
     response[:, :width] = np.where(mask[:, :width], out.tokens[:, :width], pad)
-    query, query_mask = left_pad(prompt_ids, query_length, pad)
+    query, query_mask = left_pad(prompt_ids, query_length, pad, what="prompt")
     return Rollouts(records=list(records), query=query, query_mask=query_mask, response=response,
                     response_mask=mask, contains_eos=np.asarray(out.finished, bool), texts=list(out.texts))
+
+
+__all__ = ["Rollouts", "left_pad", "sample_rollouts"]  # left_pad: the engine's, used here for queries

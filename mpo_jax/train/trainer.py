@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ import numpy as np
 from mpo_jax.data import PromptIterator, prepare_task_source
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.fileio import atomic_write_text
-from mpo_jax.reward.judge import Judge, RubricTooLongError
-from mpo_jax.reward.meta import KEPT_REASONS, MetaRewardModel, MetaSample, math_meta_step
+from mpo_jax.reward.judge import Judge
+from mpo_jax.reward.meta import KEPT_REASONS, MetaRewardModel, MetaSample, group_meta_step, save_meta_evaluation
 from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.rl import (
     RolloutBatch,
@@ -44,28 +45,25 @@ from mpo_jax.rl import (
     place_batch,
 )
 from mpo_jax.rubric import Rubric, RubricError
-from mpo_jax.tasks import MathTask, get_task, load_records
+from mpo_jax.tasks import get_task, load_records
 from mpo_jax.tasks.base import fenced_task
-from mpo_jax.tasks.math_reasoning import MATH_SUBJECTS, subject_id
 from mpo_jax.train import distributed
-from mpo_jax.train.checkpoint import Checkpointer, PreemptionGuard
-from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig, to_dict
+from mpo_jax.train.checkpoint import PreemptionGuard
+from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig
 from mpo_jax.train.evaluator import TrainingEvaluator, held_out_records
 from mpo_jax.train.evaluator import append_rows as append_eval_rows
-from mpo_jax.train.evaluator import truncate_rows as truncate_eval_rows
 from mpo_jax.train.metrics import MetricsWriter
 from mpo_jax.train.model_specs import (
     build_model,
     build_policy_and_state,
     build_remote,
     check_model_available,
-    checkpoint_directory,
     install_policy_params,
 )
 from mpo_jax.train.rollout import Rollouts, sample_rollouts
+from mpo_jax.train.run_dir import ROLLOUTS_FILE, discard_after, open_checkpointer, write_config
 
 _LOG = logging.getLogger(__name__)
-ROLLOUTS_FILE = "rollouts.jsonl"
 
 
 def check_resources(config: TrainConfig) -> None:
@@ -192,9 +190,6 @@ class Trainer:
         # never changes shows why in its metrics.
         self.kept_reasons: dict[str, int] = dict.fromkeys(KEPT_REASONS, 0)
         self.buffer: list[MetaSample] = []
-        # MATH: one guideline per subject, refined by its own meta step (no merge).
-        self.is_math = isinstance(self.task, MathTask)
-        self.guidelines: dict[int, Rubric] = {}
 
         tfds_dir = config.data.tfds_dir or str(self.run_dir / "tfds")
         self.source = prepare_task_source(self.task.name, config.data.split, data_dir=config.data.data_dir or None,
@@ -213,9 +208,7 @@ class Trainer:
         update_fn = make_grpo_update(self.update_config) if self.grpo else make_ppo_update(self.update_config)
         self.update_step = compile_update(update_fn, self.state, self.mesh)
         self.evaluator = self._build_evaluator() if config.eval.every else None
-        self.checkpointer = Checkpointer(checkpoint_directory(config, self.run_dir),
-                                         save_every=config.checkpoint.every,
-                                         keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        self.checkpointer = open_checkpointer(config, self.run_dir)
         self.update = 0  # updates completed
 
     def _build_evaluator(self) -> TrainingEvaluator:
@@ -268,7 +261,7 @@ class Trainer:
         return records, prompt_ids
 
     def _judge(self, rollouts: Rollouts, update: int) -> tuple[np.ndarray, list]:
-        self.judge._rng = np.random.default_rng([self.config.seed, update, 1])
+        self.judge.reseed([self.config.seed, update, 1])
         results = self.judge.score_detailed(rollouts.records, rollouts.texts)
         return np.array([r.score for r in results], np.float32), results
 
@@ -284,26 +277,39 @@ class Trainer:
                                         values=stats["values"], scores=scores, contains_eos=rollouts.contains_eos),
                            self.mesh)
 
-    def _math_meta_step(self, update: int) -> dict[str, float]:
-        """Per MATH subject seen since the last meta step: refine its guideline (§A.3)."""
+    @property
+    def guidelines(self) -> Mapping[int, Rubric]:
+        """The per-group guidelines in force (`Task.rubric_groups`; MATH: one per subject), held by the judge."""
+        return self.judge.guidelines
+
+    @guidelines.setter
+    def guidelines(self, guidelines: Mapping[int, Rubric]) -> None:
+        self.judge.set_guidelines(guidelines)
+
+    def _install_guidelines(self) -> None:
+        """Install `guidelines` in the judge; assigning `guidelines` already does, so this only re-checks them."""
+        self.judge.set_guidelines(self.guidelines)
+
+    def _group_meta_step(self, update: int) -> dict[str, float]:
+        """Per rubric group seen since the last meta step (MATH: per subject), refine its guideline (§A.3)."""
         start = time.perf_counter()
-        seen = sorted({_subject(s.record) for s in self.buffer} - {None})
-        current = {g: self.guidelines.get(g, self.history.current) for g in seen}
-        updates = math_meta_step(self.mrm, current, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
-                                 group_of=_subject, step=update) if current else {}
+        task, names = self.task, self.task.rubric_groups
+        guidelines = dict(self.judge.guidelines)
+        seen = sorted({task.rubric_group(s.record) for s in self.buffer} - {None})
+        current = {g: guidelines.get(g, self.history.current) for g in seen}
+        updates = group_meta_step(self.mrm, current, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
+                                  group_of=task.rubric_group, step=update) if current else {}
         proposed = {str(g): u.guideline.render() for g, u in updates.items() if u.accepted}
         proposed = json.loads(distributed.broadcast_text(json.dumps(proposed, sort_keys=True)))
         for group, text in proposed.items():
-            self.guidelines[int(group)] = Rubric.parse(text, limits=self.task.rubric_limits, task=self.task.name)
-        self._install_guidelines()
+            guidelines[int(group)] = Rubric.parse(text, limits=task.rubric_limits, task=task.name)
+        self.judge.set_guidelines(guidelines)
         if self.is_main:
-            record = {"update": update, "groups": {MATH_SUBJECTS[g]: {
-                "accepted": u.accepted, "reason": u.reason, "guideline": self.guidelines.get(g, u.guideline).render(),
-                "analysis": u.analysis, "refinement": u.refinement, "cases": u.cases} for g, u in updates.items()}}
-            path = self.run_dir / f"meta_evaluation_{update}.json"
-            path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-            for g, rubric in self.guidelines.items():
-                (self.run_dir / f"guideline_{MATH_SUBJECTS[g]}.txt").write_text(rubric.render() + "\n")
+            save_meta_evaluation(self.run_dir, update, {"update": update, "groups": {names[g]: {
+                "accepted": u.accepted, "reason": u.reason, "guideline": guidelines.get(g, u.guideline).render(),
+                "analysis": u.analysis, "refinement": u.refinement, "cases": u.cases} for g, u in updates.items()}})
+            for g, rubric in guidelines.items():
+                atomic_write_text(self.run_dir / f"guideline_{names[g]}.txt", rubric.render() + "\n")
         self.buffer = []
         kept = sum(not u.accepted for u in updates.values())
         self.kept_reasons["guideline_rejected"] = self.kept_reasons.get("guideline_rejected", 0) + kept
@@ -313,34 +319,19 @@ class Trainer:
     def _kept_metrics(self) -> dict[str, float]:
         return {f"meta/kept/{reason}": float(count) for reason, count in sorted(self.kept_reasons.items())}
 
-    def _install_guidelines(self) -> None:
-        self.judge.guidelines = {g: "\n\n".join(r.items) for g, r in self.guidelines.items()}
-
     def _meta_step(self, update: int) -> dict[str, float]:
-        if self.is_math:
-            return self._math_meta_step(update)
+        if self.task.rubric_groups:
+            return self._group_meta_step(update)
         start = time.perf_counter()
-        rubric = self.history.current
-        result = self.mrm.meta_step(rubric, self.buffer, np.random.default_rng([self.config.seed, update, 2]),
-                                    step=update, fits=self.judge.fits)
-        text = distributed.broadcast_text(result.rubric.render() if result.accepted else "")
-        accepted = False
-        if text:
-            try:
-                candidate = Rubric.parse(text, limits=self.history.limits, task=self.task.name)
-                self.judge.set_rubric(candidate)
-                self.history.append(candidate, reason=result.reason, created_step=update)
-                self.judge.set_rubric(self.history.current)
-                accepted = True
-            except (RubricError, RubricTooLongError) as err:
-                self.judge.set_rubric(rubric)
-                self.history.reject(text, reason="the judge cannot take the new rubric", error=str(err),
-                                    created_step=update)
-                self.kept_reasons["judge_refused"] = self.kept_reasons.get("judge_refused", 0) + 1
-        else:
-            self.history.reject(result.merged_text or None, reason="meta step kept the rubric", error=result.reason,
-                                created_step=update)
-            self.kept_reasons[result.reason_code] = self.kept_reasons.get(result.reason_code, 0) + 1
+        result = self.mrm.meta_step(self.history.current, self.buffer,
+                                    np.random.default_rng([self.config.seed, update, 2]), step=update,
+                                    fits=self.judge.fits)
+        # Every process records process 0's proposal, so all install the same rubric.
+        proposal = distributed.broadcast_text(result.rubric.render() if result.accepted else "")
+        kept = self.history.apply(result, created_step=update, proposal=proposal, install=self.judge.set_rubric)
+        accepted = kept is None
+        if not accepted:
+            self.kept_reasons[kept] = self.kept_reasons.get(kept, 0) + 1
         _LOG.info("update %d: meta step %s", update, f"installed rubric iteration {self.history.current.iteration}"
                   if accepted else f"kept the rubric ({result.reason})")
         if self.is_main:
@@ -358,10 +349,11 @@ class Trainer:
                                  "rationales": list(s.rationales)} for s in self.buffer]}
 
     def _restore(self) -> None:
-        latest = self.checkpointer.latest_update()
-        if latest is None:
+        """Continue from the newest checkpoint that restores; corrupt newer ones are set aside with a warning."""
+        restored = self.checkpointer.restore_latest(self.state, set_aside=True)
+        if restored is None:
             return
-        self.state, host = self.checkpointer.restore(latest, self.state)
+        self.state, host = restored.state, restored.host_state
         self.update = int(host["update"])
         self.iterator.set_state(host["data"])
         self.history = RubricHistory.from_json(host["rubric_history"])
@@ -372,7 +364,8 @@ class Trainer:
         self._install_guidelines()
         self.buffer = [MetaSample(record=s["record"], response=s["response"], score=float(s["score"]),
                                   rationales=tuple(s["rationales"])) for s in host["meta_buffer"]]
-        _LOG.info("resumed from update %d (rubric iteration %d)", self.update, self.history.current.iteration)
+        # WARNING so that the default log level shows it: a resumed run's output starts mid-way.
+        _LOG.warning("resuming from update %d, rubric iteration %d", self.update, self.history.current.iteration)
 
     def _write_rollouts(self, update: int, rollouts: Rollouts, scores: np.ndarray) -> None:
         count = min(self.config.log.rollouts_per_update, len(rollouts.texts))
@@ -427,14 +420,12 @@ class Trainer:
         cfg = self.config
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            write_config(self.run_dir, cfg)
         self._restore()
         if self.is_main:
             # Files written after the checkpoint this run starts from (or by a run that never
             # reached its first checkpoint) describe updates that will be redone.
-            _drop_files_after(self.run_dir, self.update, self.history.current.iteration)
-            _truncate_rollouts(self.run_dir / ROLLOUTS_FILE, self.update)
-            truncate_eval_rows(self.run_dir, self.update if self.update else -1)
+            discard_after(self.run_dir, self.update, self.history.current.iteration)
             self.history.save(self.run_dir)
         # A run that starts from scratch redoes the evaluation before its first update (update 0).
         writer = MetricsWriter(self.run_dir, enabled=self.is_main, resume_from_update=self.update + 1 if self.update
@@ -468,45 +459,6 @@ class Trainer:
 
             write_report(self.run_dir)
         return last
-
-
-def _subject(record: dict) -> int | None:
-    try:
-        return subject_id(record)
-    except ValueError:
-        return None
-
-
-def _drop_files_after(run_dir: Path, update: int, iteration: int) -> None:
-    for path in run_dir.glob("meta_evaluation_*.json"):
-        if _number(path.stem, "meta_evaluation_") > update:
-            path.unlink()
-    for path in run_dir.glob("rubric_iter_*.txt"):
-        if _number(path.stem, "rubric_iter_") > iteration:
-            path.unlink()
-
-
-def _number(stem: str, prefix: str) -> int:
-    try:
-        return int(stem[len(prefix):])
-    except ValueError:
-        return -1
-
-
-def _truncate_rollouts(path: Path, last_update: int) -> None:
-    """Drop rollout lines written after the checkpoint a resumed run starts from."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and _line_update(line) <= last_update]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _line_update(line: str) -> int:
-    try:
-        return int(json.loads(line)["update"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62
 
 
 def train(config: TrainConfig) -> dict[str, float]:
