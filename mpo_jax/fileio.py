@@ -64,3 +64,22 @@ def iter_jsonl_objects(path: str | os.PathLike[str]) -> Iterator[tuple[int, str,
 def read_jsonl_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line (see `iter_jsonl_objects`)."""
     return [(number, row) for number, _, row in iter_jsonl_objects(path)]
+
+
+def truncate_jsonl_after(path: str | os.PathLike[str], last_update: int) -> None:
+    """Keep only the lines of a per-update JSONL file whose `update` is <= `last_update`.
+
+    A resumed run redoes the updates after its checkpoint, so what was written for them goes;
+    unreadable lines go too. A missing file is left missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if line.strip() and int(json.loads(line)["update"]) <= last_update:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

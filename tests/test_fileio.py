@@ -49,3 +49,14 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+
+
+def test_truncating_a_per_update_jsonl_keeps_the_updates_up_to_the_checkpoint(tmp_path):
+    from mpo_jax.fileio import truncate_jsonl_after
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"update": 1, "x": "a"}\n{"update": 3}\nnot json\n{"update": 2}\n{"no": "update"}\n\n')
+    truncate_jsonl_after(path, 2)
+    assert path.read_text() == '{"update": 1, "x": "a"}\n{"update": 2}\n'
+    truncate_jsonl_after(tmp_path / "missing.jsonl", 2)
+    assert not (tmp_path / "missing.jsonl").exists()

@@ -336,17 +336,8 @@ class Configuration:
 
 
 def load_rubric(task: Task, spec: str) -> Rubric:
-    """One of the task's initial rubrics by name (iter0, expert, ...) or a rubric file."""
-    if spec in task.initial_rubrics:
-        return task.initial_rubrics[spec]
-    path = Path(spec)
-    if not path.is_file():
-        raise MissingFileError(f"rubric {spec!r} is neither one of the {task.name} rubrics "
-                               f"({', '.join(task.initial_rubrics)}) nor a file")
-    try:
-        return Rubric.parse(path.read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
-    except RubricError as err:
-        raise RubricError(f"rubric file {path}: {err}") from err
+    """One of the task's rubrics by name (iter0, expert, ...) or a rubric file (`Task.load_rubric`)."""
+    return task.load_rubric(spec)
 
 
 # -- output -------------------------------------------------------------------------------------

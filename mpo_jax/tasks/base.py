@@ -20,11 +20,12 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mpo_jax.errors import InvalidValueError
-from mpo_jax.rubric import DEFAULT_LIMITS, SCALE_FORM, Rubric, RubricLimits
+from mpo_jax.errors import InvalidValueError, MissingFileError
+from mpo_jax.rubric import DEFAULT_LIMITS, SCALE_FORM, Rubric, RubricError, RubricLimits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -292,6 +293,20 @@ class Task:
     def policy_prompt(self, record: Record) -> Messages:
         """The policy's chat messages; the system line is left to the model's chat template."""
         return [{"role": "user", "content": self.policy_text(record)}]
+
+    def load_rubric(self, name: str) -> Rubric:
+        """One of this task's shipped rubrics by name (iter0, expert, ...), or a rubric file checked
+        against the task's limits."""
+        if name in self.initial_rubrics:
+            return self.initial_rubrics[name]
+        path = Path(name)
+        if not path.is_file():
+            raise MissingFileError(f"rubric {name!r} is neither one of the {self.name} rubrics "
+                                   f"({', '.join(self.initial_rubrics)}) nor a file")
+        try:
+            return Rubric.parse(path.read_text(encoding="utf-8"), limits=self.rubric_limits, task=self.name)
+        except RubricError as err:
+            raise RubricError(f"rubric file {path}: {err}") from err
 
     def record_from_prompt(self, prompt: str) -> dict[str, Any]:
         """A minimal record for a bare prompt string (callers that have no dataset record)."""

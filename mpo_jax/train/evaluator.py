@@ -27,6 +27,7 @@ import numpy as np
 from mpo_jax.engine.language_model import LanguageModel
 from mpo_jax.engine.sampling import SamplingParams
 from mpo_jax.errors import InvalidValueError
+from mpo_jax.fileio import truncate_jsonl_after
 from mpo_jax.reward import hacks
 
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"
@@ -112,16 +113,4 @@ def append_rows(run_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def truncate_rows(run_dir: str | Path, last_update: int) -> None:
     """Drop rows written after the checkpoint a resumed run starts from."""
-    from mpo_jax.fileio import atomic_write_text
-
-    path = Path(run_dir) / EVAL_SAMPLES_FILE
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if line.strip() and int(json.loads(line)["update"]) <= last_update:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    truncate_jsonl_after(Path(run_dir) / EVAL_SAMPLES_FILE, last_update)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
-from mpo_jax.fileio import atomic_write_text
+from mpo_jax.fileio import atomic_write_text, truncate_jsonl_after
 from mpo_jax.reward.rubric_history import HISTORY_FILE
 from mpo_jax.train.evaluator import EVAL_SAMPLES_FILE
 from mpo_jax.train.evaluator import truncate_rows as truncate_eval_rows
@@ -189,23 +189,8 @@ def discard_after(run_dir: str | os.PathLike[str], update: int, iteration: int) 
         match = RUBRIC_FILE_RE.match(path.name)
         if match and int(match.group(1)) > iteration:
             path.unlink()
-    _truncate_rollouts(root / ROLLOUTS_FILE, update)
+    truncate_jsonl_after(root / ROLLOUTS_FILE, update)
     truncate_eval_rows(root, update if update else -1)  # a fresh run redoes its update-0 evaluation
-
-
-def _truncate_rollouts(path: Path, last_update: int) -> None:
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and _line_update(line) <= last_update]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _line_update(line: str) -> int:
-    try:
-        return int(json.loads(line)["update"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # unreadable: dropped
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -121,13 +121,7 @@ def make_run_mesh(config: TrainConfig):
 
 def load_rubric(task_name: str, name: str) -> Rubric:
     """One of the task's shipped rubrics by name, or a rubric file (checked against the task's limits)."""
-    task = get_task(task_name)
-    if name in task.initial_rubrics:
-        return task.initial_rubrics[name]
-    try:
-        return Rubric.parse(Path(name).read_text(encoding="utf-8"), limits=task.rubric_limits, task=task.name)
-    except RubricError as err:
-        raise RubricError(f"rubric file {name}: {err}") from None
+    return get_task(task_name).load_rubric(name)
 
 
 def initial_rubric(config: TrainConfig) -> Rubric:
@@ -286,10 +280,6 @@ class Trainer:
     def guidelines(self, guidelines: Mapping[int, Rubric]) -> None:
         self.judge.set_guidelines(guidelines)
 
-    def _install_guidelines(self) -> None:
-        """Install `guidelines` in the judge; assigning `guidelines` already does, so this only re-checks them."""
-        self.judge.set_guidelines(self.guidelines)
-
     def _group_meta_step(self, update: int) -> dict[str, float]:
         """Per rubric group seen since the last meta step (MATH: per subject), refine its guideline (§A.3)."""
         start = time.perf_counter()
@@ -361,7 +351,6 @@ class Trainer:
         self.kept_reasons.update({str(k): int(v) for k, v in host.get("kept_reasons", {}).items()})
         self.guidelines = {int(g): Rubric.parse(text, limits=self.task.rubric_limits, task=self.task.name)
                            for g, text in host.get("math_guidelines", {}).items()}
-        self._install_guidelines()
         self.buffer = [MetaSample(record=s["record"], response=s["response"], score=float(s["score"]),
                                   rationales=tuple(s["rationales"])) for s in host["meta_buffer"]]
         # WARNING so that the default log level shows it: a resumed run's output starts mid-way.
