@@ -154,12 +154,14 @@ def test_a_rubric_without_scales_is_rejected_as_no_scale(tmp_path):
     assert saved["reason_code"] == "no_scale" and saved["rubric"] == RUBRIC.render()
 
 
-def test_oversized_merge_is_rejected_with_a_reason():
+def test_oversized_criteria_never_reach_the_merge():
     mrm = MetaRewardModel(ScriptedClient(items=["### Focus (0-5)\n- 5: " + "x" * 50_000]), task="essay",
                           num_samples=2)
     result = mrm.meta_step(RUBRIC, samples(), rng=2)
-    assert not result.accepted and result.rubric == RUBRIC and "rejected" in result.reason
-    assert result.reason_code == "invalid"
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "no_criteria", RUBRIC)
+    assert [(d["stage"], d["criterion"]) for d in result.dropped] == [("refinement", 1), ("refinement", 1),
+                                                                     ("refinement", 2), ("refinement", 2)]
+    assert all("50021 chars" in d["error"] for d in result.dropped)
 
 
 def test_template_syntax_in_model_output_stays_literal():
@@ -357,6 +359,35 @@ def test_criteria_turns_stop_early_when_the_model_has_no_room_for_another():
     assert result.accepted and result.rubric.items == tuple(_numbered(2))
     assert [(s["stage"], s["criterion"]) for s in result.stopped] == [("refinement", 3), ("merge", 3)]
     assert "8192" in result.stopped[0]["error"]
+
+
+def test_a_criterion_longer_than_the_item_limit_is_dropped_and_listed(tmp_path):
+    limit = get_task("essay").rubric_limits.max_item_chars
+    huge = "### Criterion X (0-5)\n" + "\n".join(f"- 1: award a point for point {i}." for i in range(limit // 20))
+    assert len(huge) > limit
+    client = ScriptedClient(items=[_numbered(1)[0], huge], count=2, merge_items=_numbered(2))
+    result = MetaRewardModel(client, task="essay", num_samples=1).meta_step(RUBRIC, samples(), rng=0)
+    assert result.refinements == [Rubric(items=(_numbered(1)[0],)).render()]  # the oversized one is left out
+    assert [(d["stage"], d["set"], d["criterion"], d["chars"]) for d in result.dropped] == [
+        ("refinement", 1, 2, len(huge))]
+    assert str(limit) in result.dropped[0]["error"]
+    assert result.accepted and result.rubric.items == tuple(_numbered(2))
+    saved = json.loads(result.save(tmp_path, 1, samples()).read_text())
+    assert saved["dropped"] == result.dropped
+
+
+def test_a_merge_prompt_the_model_cannot_take_keeps_the_previous_rubric():
+    class NoRoomToMerge(ScriptedClient):
+        def chat_batch_integer(self, conversations, max_digits=2):
+            if any("[Start of Criteria Sets]" in m["content"] for conv in conversations for m in conv):
+                raise ValueError("prompt length (tokens) is 447043, larger than the largest bucket 8192")
+            return super().chat_batch_integer(conversations, max_digits)
+
+    result = MetaRewardModel(NoRoomToMerge(items=_numbered(2)), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "no_criteria", RUBRIC)
+    assert [(s["stage"], s["criterion"]) for s in result.stopped] == [("merge", 0)]
+    assert "447043" in result.stopped[0]["error"]
 
 
 def test_no_samples_is_a_kept_reason():

@@ -34,7 +34,7 @@ from mpo_jax.engine import chat_session
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.reward.sense_check import SenseIssue, check_criteria, clean_markup
-from mpo_jax.rubric import Rubric, RubricError, ScaleError, diff, render_items
+from mpo_jax.rubric import Rubric, RubricError, RubricLimits, ScaleError, diff, render_items
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import PRESCREEN_CHOICES, join_criteria_sets
 
@@ -81,9 +81,11 @@ class MetaResult:
     """A meta step's outcome and its trace, written to `meta_evaluation_{step}.json`.
 
     `cleaned`: generated criteria whose rubric tags were removed ({stage, set, criterion,
-    removed, kept}); `capped`: criteria counts cut to a limit ({stage, set, asked, kept, limit,
-    by}); `stopped`: conversations whose criteria turns ended early because the MRM could not
-    take another turn ({stage, criterion, error}); `sense_check`: the issues that rejected the
+    removed, kept}); `dropped`: generated criteria left out because they break the task's
+    rubric limits ({stage, set, criterion, chars, error}); `capped`: criteria counts cut to a
+    limit ({stage, set, asked, kept, limit, by}); `stopped`: conversations whose criteria turns
+    ended early because the MRM could not take another turn ({stage, criterion, error};
+    criterion 0: not even the count question fit); `sense_check`: the issues that rejected the
     proposal; `truncated`: how many criteria were proposed and kept when only a prefix fits the
     judge.
     """
@@ -104,6 +106,7 @@ class MetaResult:
     stopped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sense_check: list[SenseIssue] = dataclasses.field(default_factory=list)
     truncated: dict[str, int] | None = None
+    dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.reason_code:
@@ -123,7 +126,7 @@ class MetaResult:
             "accepted": self.accepted, "reason_code": self.reason_code, "reason": self.reason,
             "previous_rubric": self.previous.render(), "rubric": self.rubric.render(),
             "iteration": self.rubric.iteration, "merged_text": self.merged_text, "timing_s": self.timing,
-            "cleaned": self.cleaned, "capped": self.capped, "stopped": self.stopped,
+            "cleaned": self.cleaned, "dropped": self.dropped, "capped": self.capped, "stopped": self.stopped,
             "sense_check": [issue.to_json() for issue in self.sense_check], "truncated": self.truncated,
             "samples": [{"index": i, "prompt": samples[i].record, "response": samples[i].response,
                          "score": samples[i].score, "prescreen": p, "meta_analysis": a, "meta_refinement": r}
@@ -151,6 +154,7 @@ class _Trace:
     capped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stopped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sense_check: list[SenseIssue] = dataclasses.field(default_factory=list)
+    dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def result(self, rubric: Rubric, previous: Rubric, code: str, reason: str,
                truncated: dict[str, int] | None = None) -> MetaResult:
@@ -158,7 +162,7 @@ class _Trace:
                           selected=self.selected, prescreen=self.prescreen, analyses=self.analyses,
                           refinements=self.refinements, merged_text=self.merged_text, timing=self.timing,
                           reason_code=code, cleaned=self.cleaned, capped=self.capped, stopped=self.stopped,
-                          sense_check=self.sense_check, truncated=truncated)
+                          sense_check=self.sense_check, truncated=truncated, dropped=self.dropped)
 
 
 class MetaRewardModel:
@@ -315,13 +319,20 @@ class MetaRewardModel:
         """Ask how many criteria (`count_turn`), then each in turn; the usable item texts per row.
 
         Counts above the limit are cut to it (logged in `trace.capped`); rubric tags in a reply
-        are removed and logged in `trace.cleaned`, the rest of the reply kept. Like the original's
+        are removed and logged in `trace.cleaned`, the rest of the reply kept; a criterion that
+        breaks the task's rubric limits (say, longer than `max_item_chars`) is left out, logged in
+        `trace.dropped`. Like the original's
         context guard, the turns stop early, keeping the criteria written so far, when the model
         cannot take another turn (a local sampler refuses a conversation that would outgrow its
         context with a ValueError); `trace.stopped` records it.
         """
-        asked = [max(c or 1, 1) for c in session.say_integer([[{"role": "user", "content": count_turn}]] * rows,
-                                                             max_digits=2)]
+        try:
+            answers = session.say_integer([[{"role": "user", "content": count_turn}]] * rows, max_digits=2)
+        except ValueError as exc:
+            trace.stopped.append({"stage": stage, "criterion": 0, "error": str(exc)})
+            _LOG.warning("meta %s: the MRM cannot take the count question, no criteria written: %s", stage, exc)
+            return [[] for _ in range(rows)]
+        asked = [max(c or 1, 1) for c in answers]
         limit, by = self._count_limit()
         counts = [min(a, limit) for a in asked]
         for row, (a, c) in enumerate(zip(asked, counts, strict=True)):
@@ -343,7 +354,11 @@ class MetaRewardModel:
                 if i > counts[row]:
                     continue
                 text, removed = clean_markup(reply)
-                usable = bool(text) and _is_valid_item(text)
+                problem = _item_problem(text, self.task.rubric_limits) if text else "empty"
+                usable = problem is None
+                if text and problem is not None:
+                    trace.dropped.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,
+                                          "chars": len(text), "error": problem})
                 if removed:
                     trace.cleaned.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,
                                           "removed": list(removed), "kept": usable})
@@ -391,13 +406,16 @@ def _set_number(stage: str, row: int) -> int | None:
     return row + 1 if stage == "refinement" else None
 
 
-def _is_valid_item(text: str) -> bool:
-    """Whether `text` can be a rubric item as it is (tag-free, stripped, valid Unicode)."""
+def _item_problem(text: str, limits: RubricLimits) -> str | None:
+    """Why `text` cannot be a rubric item as it is (tags, whitespace, size), or None if it can.
+
+    The scale is checked on the whole proposal later, so that a missing one is reported as such.
+    """
     try:
-        Rubric(items=(text,))
-    except (RubricError, ValueError):
-        return False
-    return True
+        Rubric(items=(text,)).validated(dataclasses.replace(limits, require_scale=False))
+    except (RubricError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 @dataclasses.dataclass
@@ -463,8 +481,9 @@ def group_meta_step(mrm: MetaRewardModel, guidelines: dict[Any, Rubric], samples
         previous = guidelines[group]
         text = refinement.strip()
         try:
-            if not _is_valid_item(text):
-                raise RubricError("the guideline contains rubric markup or is not valid text")
+            problem = _item_problem(text, task.rubric_limits)
+            if problem is not None:
+                raise RubricError(f"the guideline cannot be a rubric item: {problem}")
             new = Rubric(items=(text,), iteration=previous.iteration + 1, parent=previous.iteration,
                          created_step=step, task=task.name).validated(task.rubric_limits)
             updates[group] = GuidelineUpdate(group, new, True, "accepted", cases[group], analysis.strip(), text)
