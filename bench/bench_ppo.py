@@ -88,6 +88,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
+from _ppo_inputs import flops, make_arrays  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MATMUL_N = 2048
@@ -132,35 +133,6 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def make_arrays(rng: np.random.Generator, b: int, p: int, r: int, vocab: int, pad_id: int, eos_id: int,
-                special: Sequence[int]) -> dict[str, np.ndarray]:
-    """Random token ids with left-padded prompts and variable-length, EOS-terminated responses."""
-    def ids(shape):
-        x = rng.integers(0, vocab, shape)
-        bad = np.isin(x, list(special))
-        while bad.any():  # no special tokens inside the text
-            x[bad] = rng.integers(0, vocab, int(bad.sum()))
-            bad = np.isin(x, list(special))
-        return x.astype(np.int32)
-
-    query = ids((b, p))
-    q_len = np.full(b, p)
-    padded_rows = [i for i in range(b) if i % 8 in (1, 4, 6)]  # 3 of every 8 prompts left-padded
-    q_len[padded_rows] = rng.integers(p // 2, p, len(padded_rows))
-    query_mask = np.arange(p)[None] >= (p - q_len)[:, None]
-    query = np.where(query_mask, query, pad_id).astype(np.int32)
-
-    r_len = rng.integers(max(r // 4, 1), r, b)  # EOS-terminated, shorter than R
-    r_len[np.arange(b) % 8 == 3] = r  # one of every 8 truncated without EOS
-    response = ids((b, r))
-    response[np.arange(b), np.minimum(r_len, r) - 1] = np.where(r_len < r, eos_id,
-                                                                response[np.arange(b), r_len - 1])
-    response_mask = np.arange(r)[None] < r_len[:, None]
-    response = np.where(response_mask, response, pad_id).astype(np.int32)
-    return dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-                contains_eos=r_len < r, scores=rng.standard_normal(b).astype(np.float32))
 
 
 def micro_batches(order: np.ndarray, accum: int) -> list[np.ndarray]:
@@ -490,20 +462,6 @@ def run_engine(engine: str, args: argparse.Namespace, data: Path, workdir: Path)
                ["--profile"] if args.profile else [])
     subprocess.run(cmd, check=True)
     return json.loads(result.read_text(encoding="utf-8"))
-
-
-def flops(dims: dict, b: int, p: int, r: int, epochs: int) -> dict[str, float]:
-    """Model FLOPs of one update (see the docstring) and the remat recompute."""
-    layers, d, f = dims["layers"], dims["hidden"], dims["intermediate"]
-    d_attn, d_kv = dims["heads"] * dims["head_dim"], dims["kv_heads"] * dims["head_dim"]
-    n_block = layers * (d * d_attn * 2 + d * d_kv * 2 + 3 * d * f)
-    t = p + r
-    trunk_fwd = b * t * (2 * n_block + 4 * layers * t * d_attn)
-    lm_head_fwd = b * r * 2 * d * dims["vocab"]
-    value_fwd = b * r * 2 * d
-    model = epochs * 3 * (2 * trunk_fwd + lm_head_fwd + value_fwd)
-    return dict(model=model, recompute=epochs * 2 * trunk_fwd, n_block=n_block, trunk_fwd=trunk_fwd,
-                lm_head_fwd=lm_head_fwd, attn_fwd=b * t * 4 * layers * t * d_attn)
 
 
 def rel(a: float, b: float) -> float:

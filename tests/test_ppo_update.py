@@ -217,6 +217,31 @@ def test_sharded_update_equals_single_device_and_does_not_recompile(tokenizer):
         np.testing.assert_allclose(metrics_8[name], metrics_1[name], atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+def test_a_bfloat16_state_keeps_its_types_across_updates(tokenizer):
+    """The learning rate is set every update; it must not change the optimizer state's dtypes
+    (bf16 parameters would make optax's hyper-parameters bf16), or each jit recompiles and an
+    ahead-of-time compiled update refuses the state it returned."""
+    config = ppo_config(optimizer=OptimizerConfig(learning_rate=1e-3, schedule="linear", total_updates=4))
+    policy_cfg = tiny_config("llama", vocab_size=VOCAB, dtype="bfloat16", param_dtype="bfloat16")
+    critic_cfg = tiny_config("llama", vocab_size=VOCAB, value_head=True, dtype="bfloat16", param_dtype="bfloat16")
+    policy, critic = (LanguageModel(cfg, tokenizer, *place_params(cfg, random_params(cfg, seed, jnp.bfloat16), None))
+                      for cfg, seed in ((policy_cfg, 1), (critic_cfg, 3)))
+    state = create_train_state(policy, critic, config.optimizer)
+    assert state.params["policy"]["layers"]["q_proj"][...].dtype == jnp.bfloat16
+    stats_fn = compile_rollout_stats(make_rollout_stats(config.temperature), state, None)
+    batch, _ = make_batch(stats_fn, state, rollout_arrays(5), np.linspace(-1, 1, 8))
+    before = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    update = compile_update(make_ppo_update(config), state, None)
+    compiled = update.lower(state, batch, jax.random.key(0)).compile()
+    state, _ = compiled(state, batch, jax.random.key(0))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == before
+    state, metrics = compiled(state, batch, jax.random.key(1))  # the state it returned is accepted
+    assert np.isfinite(float(metrics["loss"]))
+    lr = state.opt_state[1].hyperparams["learning_rate"]
+    assert lr.dtype == jnp.float32 and float(lr) == pytest.approx(1e-3 * (1 - 1 / 4))
+    assert float(state.opt_state[1].hyperparams["b2"]) == pytest.approx(0.999)  # bf16 would round it to 1.0
+
+
 def test_nonfinite_scores_skip_the_update_or_stop_the_run(tokenizer):
     config = ppo_config()
     state, stats_fn, update = setup(tokenizer, config)

@@ -47,9 +47,16 @@ class TrainState:
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW behind global-norm clipping; the learning rate is a hyper-parameter set per update."""
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=config.learning_rate, b1=config.b1, b2=config.b2,
-                                                  eps=config.eps, weight_decay=config.weight_decay)
+    """AdamW behind global-norm clipping; the learning rate is a hyper-parameter set per update.
+
+    The hyper-parameters and the first moment are float32 whatever the parameters' dtype: optax
+    would otherwise keep the hyper-parameters in bf16 for bf16 parameters, where b2 = 0.999 rounds
+    to 1.0 and the per-update learning rate (float32) would change the state's types after the
+    first update. The second moment keeps the parameters' dtype.
+    """
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mu_dtype",), hyperparam_dtype=jnp.float32)(
+        learning_rate=config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+        weight_decay=config.weight_decay, mu_dtype=jnp.float32)
     if config.max_grad_norm is None:
         return optax.chain(optax.identity(), adamw)
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
