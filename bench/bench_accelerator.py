@@ -339,6 +339,7 @@ def report(args, info: dict, r: dict, wall_s: float) -> str:
                          f"{d['extra_steps']}"])
     out.append(markdown_table(["engine", "batch", "ms / step", "tok/s", "MiB read / step (minimum)", "TB/s",
                                "of HBM (data sheet)", "of measured copy", "as run (whole cache)", "steps"], rows))
+    out.append("")
     for batch in r["decode"]:
         if batch in r["decode_torch"]:
             jx, th = r["decode"][batch], r["decode_torch"][batch]
