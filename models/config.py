@@ -15,6 +15,7 @@ from mpo_jax.errors import InvalidValueError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("full", "dots")
+ATTENTION_IMPLS = ("dense", "blocked")
 # Adapter targets: the per-layer projections, and the output projection `lm_head` (for a tied
 # model the transposed embedding; its adapter changes the logits only, never the input embedding).
 LAYER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,6 +62,12 @@ class ModelConfig:
     # (recomputes everything), "dots" also keeps the weight-matmul outputs (recomputes only
     # attention and elementwise work: more memory, about a quarter less compute in training).
     remat_policy: str = "full"
+    # Attention without a KV cache (training forwards): "dense" materialises the masked T x T scores;
+    # "blocked" works in causal query blocks of `attention_block` rows, never computing the blocks above
+    # the diagonal, with a backward that recomputes them (`blocked_attention`): same results, less
+    # work and memory. Decoding with a cache is always dense.
+    attention_impl: str = "dense"
+    attention_block: int = 64
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     lora_rank: int = 0  # > 0 adds low-rank adapters to `lora_targets`
@@ -85,6 +92,13 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise InvalidValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, "
                                     f"got {self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise InvalidValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                                    f"got {self.attention_impl!r}")
+        block = self.attention_block
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+            raise InvalidValueError(f"ModelConfig.attention_block must be a positive int (query rows per block "
+                                    f"of blocked attention), got {self.attention_block!r}")
         if self.architecture not in ("llama", "qwen2"):
             raise InvalidValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
         if self.lora_rank < 0:

@@ -337,7 +337,10 @@ def test_generation_files_are_validated_and_deduplicated(tmp_path):
 
 def test_score_cli_on_ethics_fixtures_with_an_elo_column(tmp_path, capsys):
     def rows(cases):
-        return [{"index": i, "task": "ethics", "record": {"id": f"q{i}", "binarized_label": gold}, "response": text}
+        return [{"index": i, "task": "ethics", "response": text,
+                 "record": {"id": f"q{i}", "binarized_label": gold, "title": "AITA for keeping the dog?",
+                            "text": "My sister left her dog with me for a year and now wants it back.",
+                            "action": {"description": "keeping my sister's dog"}}}
                 for i, (text, gold, _) in enumerate(cases)]
 
     first = write_jsonl(tmp_path / "first.jsonl", rows(ETHICS_CASES))
@@ -348,10 +351,17 @@ def test_score_cli_on_ethics_fixtures_with_an_elo_column(tmp_path, capsys):
                         "--json", str(tmp_path / "s.json")])
     assert status == 0
     table = capsys.readouterr().out
-    assert "| first | 42.86 (3/7) | 1010 ± 3 |" in table  # a single Elo entry is not bolded
-    assert "| two | **50.00 (1/2)** | – |" in table  # "two" has no Elo entry
+    header = next(line for line in table.splitlines() if line.startswith("| Model"))
+    assert header.startswith("| Model | Accuracy | Words | Flagged |") and header.endswith("| Elo |")
+    first_row = next(line for line in table.splitlines() if line.startswith("| first |"))
+    assert first_row.startswith("| first | 42.86 (3/7) |") and first_row.endswith("| 1010 ± 3 |")  # one Elo: no bold
+    two_row = next(line for line in table.splitlines() if line.startswith("| two |"))
+    assert two_row.startswith("| two | **50.00 (1/2)** |") and two_row.endswith("| – |")  # "two" has no Elo entry
+    words = [len(text.split()) for text, _, _ in ETHICS_CASES]
+    assert first_row.split(" | ")[2] == f"{sum(words) / len(words):.0f}"
     assert (tmp_path / "t.md").read_text() == table
-    assert json.loads((tmp_path / "s.json").read_text())["models"]["two"]["correct"] == 1
+    models = json.loads((tmp_path / "s.json").read_text())["models"]
+    assert models["two"]["correct"] == 1 and models["two"]["count"] == 2 and 0 <= models["two"]["hack/any"] <= 1
 
 
 def test_cli_errors_are_reported_with_status_2(tmp_path, capsys):

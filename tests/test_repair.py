@@ -285,6 +285,32 @@ def test_cli_runs_end_to_end_on_tiny_random_models(tmp_path, capsys):
     assert len(rows) == 2 * (1 + len(HACK_KINDS))
 
 
+def test_an_interrupted_cli_run_keeps_the_configurations_it_finished(tmp_path, capsys, monkeypatch):
+    data = fixture_data_dir(tmp_path / "data")
+    out = tmp_path / "out"
+    real_repair = bench.repair
+    calls = []
+
+    def repair_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second configuration never finishes
+        return real_repair(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "repair", repair_then_stop)
+    argv = ["repair", "--task", "essay", "--judge", "tiny-random", "--out", str(out), "--data-dir", str(data),
+            "--prompts", "2", "--max-new-tokens", "4", "--meta-steps", "1", "--num-samples", "1",
+            "--analysis-tokens", "2", "--item-tokens", "4", "--max-items", "1", "--batch-size", "32",
+            "--fence", "both"]
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(argv)
+    result = json.loads((out / bench.RESULT_FILE).read_text(encoding="utf-8"))
+    assert list(result["configurations"]) == ["logits"] and result["complete"] is False
+    assert [s["step"] for s in result["configurations"]["logits"]["steps"]] == [0, 1]
+    assert (out / bench.TABLE_FILE).read_text(encoding="utf-8") == result["table"]
+    assert result["table"].splitlines()[0] == "| hack | logits: before | logits: after step 1 |"
+
+
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert eval_main(["repair", "--task", "math", "--judge", "tiny-random", "--out", out]) == 2

@@ -189,7 +189,8 @@ def place_params(config: ModelConfig, flat: dict[str, np.ndarray], mesh: Mesh | 
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
-               value_head: bool = False, remat: bool = False, remat_policy: str = "full", lora_rank: int = 0,
+               value_head: bool = False, remat: bool = False, remat_policy: str = "full",
+               attention_impl: str = "dense", attention_block: int = 64, lora_rank: int = 0,
                lora_alpha: float = 16.0,
                lora_targets: Sequence[str] | None = None, **sampler_kwargs: Any) -> LanguageModel:
     """Load a preset name, a .gguf file or a HF checkpoint directory as a `LanguageModel`.
@@ -199,12 +200,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh:
     "fsdp", "tensor"))`), parameters are sharded by the partition rules. `value_head` adds a
     freshly initialised scalar head (a critic built from the same backbone). `lora_rank` > 0
     adds fresh low-rank adapters (B = 0, so the model's outputs are unchanged at first).
+    `attention_impl` "blocked" computes training (cache-free) attention in causal query blocks of
+    `attention_block` rows (`ModelConfig.attention_impl`); decoding is unaffected.
     """
     if dtype not in _DTYPES:
         raise InvalidValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = presets.resolve(name_or_path)
     config, flat, tokenizer = _load_weights(path, _DTYPES[dtype])
     config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, remat_policy=remat_policy,
+                            attention_impl=attention_impl, attention_block=attention_block,
                             lora_rank=lora_rank, lora_alpha=lora_alpha,
                             lora_targets=tuple(lora_targets or config.lora_targets))
     flat.update(init_lora_params(config, dtype=_DTYPES[dtype]))

@@ -1,10 +1,12 @@
-"""`mpo-jax eval`: `generate` (model or run -> JSONL), `score` (task metrics of generation files) and
-`elo` (pairwise-judge tournament over generation files -> ratings, table and plot).
+"""`mpo-jax eval`: `generate` (model or run -> JSONL), `score` (task metrics of generation files),
+`elo` (pairwise-judge tournament over generation files -> ratings, table and plot), `repair` (the
+rubric-repair benchmark) and `compare` (the arms of an experiment side by side, from their run dirs).
 
     mpo-jax eval generate --model runs/essay_mpo --task essay --limit 500 --out gen/mpo.jsonl
     mpo-jax eval elo base=gen/base.jsonl mpo=gen/mpo.jsonl --judge /models/Qwen2.5-72B-Instruct --out elo/
     mpo-jax eval score base=gen/base.jsonl mpo=gen/mpo.jsonl --elo elo/elo.json --out table.md
     mpo-jax eval repair --task essay --judge qwen2.5-coder-0.5b-instruct --prompts 8 --fence both --out repair/
+    mpo-jax eval compare ppo_iter0=runs/x/ppo_iter0 mpo_iter0=runs/x/mpo_iter0 --out compare/ --smooth 5
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
 from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
+from mpo_jax.fileio import atomic_write_text
 
 ELO_FILE = "elo.json"
 JUDGMENTS_FILE = "judgments.jsonl"
@@ -39,22 +42,29 @@ def _mesh(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def parse_generation_specs(specs: Sequence[str]) -> dict[str, Path]:
-    """`NAME=PATH` or `PATH` (named after the file) -> {name: path}; names must be unique."""
+def parse_named_paths(specs: Sequence[str], what: str = "generation file",
+                      suffixes: Sequence[str] = _SUFFIXES) -> dict[str, Path]:
+    """`NAME=PATH` or `PATH` (named after the file or folder, less `suffixes`) -> {name: path}; names must be
+    unique. `what` names the kind of path in the errors."""
     named: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or os.path.exists(spec):
             path = spec
-            name = Path(spec).name
-            while Path(name).suffix in _SUFFIXES:
+            name = Path(spec).name or Path(spec).resolve().name
+            while Path(name).suffix and Path(name).suffix in suffixes:
                 name = name[: -len(Path(name).suffix)]
         if name in named:
-            raise InvalidValueError(f"two generation files are both named {name!r}; name them with NAME=PATH")
+            raise InvalidValueError(f"two {what}s are both named {name!r}; name them with NAME=PATH")
         named[name] = Path(path)
     if not named:
-        raise InvalidValueError("give at least one generation file (NAME=PATH or PATH)")
+        raise InvalidValueError(f"give at least one {what} (NAME=PATH or PATH)")
     return named
+
+
+def parse_generation_specs(specs: Sequence[str]) -> dict[str, Path]:
+    """`NAME=PATH` or `PATH` (named after the file) -> {name: path}; names must be unique."""
+    return parse_named_paths(specs)
 
 
 def load_players(specs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -100,13 +110,19 @@ def _run_generate(args: argparse.Namespace) -> int:
 # -- score --------------------------------------------------------------------------------------
 
 def _run_score(args: argparse.Namespace) -> int:
+    from mpo_jax.evaluation.detectors import detector_cells, detector_summary
     from mpo_jax.evaluation.tables import elo_cells_from_json, merge_cells, metric_cells, results_table
     from mpo_jax.tasks.metrics import score_generations
+    from mpo_jax.train.evaluator import REFERENCE_METRIC_TASKS
 
     players = load_players(args.generations)
     task = resolve_task(args.task, players)
-    scores = {name: score_generations(task, rows) for name, rows in players.items()}
-    cells = {name: metric_cells(s) for name, s in scores.items()}
+    scores, cells = {}, {}
+    for name, rows in players.items():
+        reference = score_generations(task, rows) if task in REFERENCE_METRIC_TASKS else {}
+        detected = detector_summary(task, rows)
+        scores[name] = {**reference, **detected}
+        cells[name] = {**metric_cells(reference), **detector_cells(detected)}
     if args.elo:
         path = Path(args.elo)
         if not path.is_file():
@@ -247,30 +263,51 @@ def _run_repair(args: argparse.Namespace) -> int:
                           num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
                           item_tokens=args.item_tokens, max_items=args.max_items,
                           merged_rubric_words=args.merged_rubric_words)
-    runs = {}
+    runs: dict[str, Any] = {}
+
+    def write_results() -> str:  # after every configuration, so an interrupted run keeps what it measured
+        table = bench.results_table(runs)
+        done = configurations[:len(runs)]
+        record = {
+            "task": task.name, "judge": args.judge, "meta_model": args.meta_model or args.judge,
+            "good_responses": source, "labelled_set": str(set_path), "rubric": args.rubric, "seed": args.seed,
+            "prompts": len({r.prompt_index for r in rows}),
+            "hack_kinds": sorted({r.label for r in rows} - {bench.GOOD}), "meta_steps": args.meta_steps,
+            "mrm": {"num_samples": args.num_samples, "analysis_tokens": args.analysis_tokens,
+                    "item_tokens": args.item_tokens, "max_items": args.max_items,
+                    "merged_rubric_words": args.merged_rubric_words},
+            "configurations": {name: {"mode": c.mode, "fence": c.fence, "steps": [r.to_json() for r in reports]}
+                               for c, (name, reports) in zip(done, runs.items(), strict=True)},
+            "complete": len(runs) == len(configurations),
+            "table": table,
+        }
+        atomic_write_text(out / bench.RESULT_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / bench.TABLE_FILE, table)
+        return table
+
+    table = ""
     for config in configurations:
         judge = Judge(judge_model, task=bench.fenced_task(task) if config.fence else task, mode=config.mode,
                       max_rubric_tokens=args.max_rubric_tokens, rationale_tokens=args.rationale_tokens)
         runs[config.name] = bench.repair(judge, mrm, rubric, rows, meta_steps=args.meta_steps, seed=args.seed,
                                          batch_size=args.batch_size,
                                          progress=lambda m, n=config.name: print(f"{n}: {m}", file=sys.stderr))
-    table = bench.results_table(runs)
-    record = {
-        "task": task.name, "judge": args.judge, "meta_model": args.meta_model or args.judge,
-        "good_responses": source, "labelled_set": str(set_path), "rubric": args.rubric, "seed": args.seed,
-        "prompts": len({r.prompt_index for r in rows}), "hack_kinds": sorted({r.label for r in rows} - {bench.GOOD}),
-        "meta_steps": args.meta_steps,
-        "mrm": {"num_samples": args.num_samples, "analysis_tokens": args.analysis_tokens,
-                "item_tokens": args.item_tokens, "max_items": args.max_items,
-                "merged_rubric_words": args.merged_rubric_words},
-        "configurations": {name: {"mode": c.mode, "fence": c.fence, "steps": [r.to_json() for r in reports]}
-                           for c, (name, reports) in zip(configurations, runs.items(), strict=True)},
-        "table": table,
-    }
-    (out / bench.RESULT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / bench.TABLE_FILE).write_text(table, encoding="utf-8")
+        table = write_results()
     sys.stdout.write(table)
     print(f"-> {out / bench.RESULT_FILE}, {out / bench.TABLE_FILE}", file=sys.stderr)
+    return 0
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from mpo_jax.evaluation.compare import COMPARE_JSON, COMPARE_MD, write_comparison
+
+    runs = parse_named_paths(args.runs, "run dir", ())
+    write_comparison(runs, args.out, smooth=args.smooth, example_index=args.example_index,
+                     text_limit=args.text_limit)
+    out = Path(args.out)
+    print(f"compared {len(runs)} arm(s) ({', '.join(runs)}) -> {out / COMPARE_MD}, {out / COMPARE_JSON} and plots")
     return 0
 
 
@@ -284,8 +321,9 @@ def _generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `eval` subcommands (`generate`, `score`, `elo`, `repair`) and their flags."""
-    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{generate,score,elo,repair}")
+    """The `eval` subcommands (`generate`, `score`, `elo`, `repair`, `compare`) and their flags."""
+    sub = parser.add_subparsers(dest="eval_command", required=True,
+                                metavar="{generate,score,elo,repair,compare}")
 
     gen = sub.add_parser("generate", help="generate test-split responses with a model or a trained run")
     gen.add_argument("--model", required=True,
@@ -306,7 +344,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     gen.add_argument("--mesh", help="data,fsdp,tensor sizes, e.g. 1,2,4 (default: the run's mesh / one device)")
     gen.set_defaults(eval_func=_run_generate)
 
-    score = sub.add_parser("score", help="ROUGE (summarization) or accuracy (ethics, math) of generation files")
+    score = sub.add_parser("score", help="ROUGE (summarization) or accuracy (ethics, math), length and hack-detector "
+                                         "rates of generation files")
     _generation_arguments(score)
     score.add_argument("--elo", help="an elo.json from `eval elo` to add an Elo column")
     score.add_argument("--out", help="write the Markdown table here too")
@@ -371,6 +410,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                      help="folder holding <task folder>/train.jsonl (default: data/ in the checkout)")
     rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     rep.set_defaults(eval_func=_run_repair)
+
+    cmp = sub.add_parser("compare", help="compare the arms of an experiment from their run dirs: plots, "
+                                         "compare.md, compare.json")
+    cmp.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR",
+                     help="run dirs written by `mpo-jax train`; NAME labels the arm (default: the folder name)")
+    cmp.add_argument("--out", required=True, help="folder for the plots, compare.md, compare.json and rubrics/")
+    cmp.add_argument("--smooth", type=int, default=5, help="moving average of the training score over K updates")
+    cmp.add_argument("--example-index", type=int, default=0,
+                     help="held-out prompt whose responses are shown (its index in eval_samples.jsonl)")
+    cmp.add_argument("--text-limit", type=int, default=2000, help="characters shown per response")
+    cmp.set_defaults(eval_func=_run_compare)
     return parser
 
 
@@ -391,5 +441,5 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return run_eval(parser.parse_args(argv))
 
 
-__all__ = ["add_eval_arguments", "eval_main", "load_players", "parse_generation_specs", "repair_configurations",
-           "resolve_task", "run_eval"]
+__all__ = ["add_eval_arguments", "eval_main", "load_players", "parse_generation_specs", "parse_named_paths",
+           "repair_configurations", "resolve_task", "run_eval"]

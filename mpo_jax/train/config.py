@@ -46,6 +46,10 @@ class ModelSpec:
     dtype: str = "float32"
     remat: bool = True
     remat_policy: str = "full"  # "full" | "dots" (keep weight-matmul outputs: faster backward, more memory)
+    # Training (cache-free) attention: "dense" | "blocked" (causal query blocks of attention_block rows:
+    # skips the blocks above the diagonal, recomputes in the backward pass; same results). Decoding is unaffected.
+    attention_impl: str = "dense"
+    attention_block: int = 64
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -213,6 +217,10 @@ class TrainConfig:
                           ("meta.model", self.meta.model), ("eval.judge", self.eval.judge)):
             _check(spec.dtype in ("float32", "bfloat16"), f"{key}.dtype", f"is {spec.dtype!r}; use float32 or bfloat16")
             _check(spec.lora_rank >= 0, f"{key}.lora_rank", "must be >= 0 (0 = full fine-tuning)")
+            _check(spec.attention_impl in ("dense", "blocked"), f"{key}.attention_impl",
+                   f"is {spec.attention_impl!r}; use 'dense' or 'blocked'")
+            _check(spec.attention_block >= 1, f"{key}.attention_block",
+                   "must be >= 1 (query rows per block of blocked attention)")
         _check(self.judge.mode in ("logits", "generate"), "judge.mode", "must be 'logits' or 'generate'")
         _check(not (self.judge.remote.base_url and self.judge.mode == "logits"), "judge.mode",
                "must be 'generate' with a remote judge (an OpenAI-compatible endpoint returns no logits)")

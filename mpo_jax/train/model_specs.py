@@ -34,12 +34,14 @@ def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False,
         tokenizer = tiny_tokenizer(spec.tiny_vocab_size)
         config = tiny_model_config(tokenizer, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
                                    dtype=spec.dtype, param_dtype=spec.dtype, remat=spec.remat,
-                                   remat_policy=spec.remat_policy, value_head=value_head,
+                                   remat_policy=spec.remat_policy, attention_impl=spec.attention_impl,
+                                   attention_block=spec.attention_block, value_head=value_head,
                                    lora_rank=lora_rank, lora_alpha=spec.lora_alpha,
                                    lora_targets=tuple(spec.lora_targets))
         return from_random(config, tokenizer, seed=spec.seed, mesh=mesh, **sampler_kwargs)
     return load_model(spec.name, dtype=spec.dtype, mesh=mesh, value_head=value_head, remat=spec.remat,
-                      remat_policy=spec.remat_policy,
+                      remat_policy=spec.remat_policy, attention_impl=spec.attention_impl,
+                      attention_block=spec.attention_block,
                       lora_rank=lora_rank, lora_alpha=spec.lora_alpha, lora_targets=tuple(spec.lora_targets),
                       **sampler_kwargs)
 
