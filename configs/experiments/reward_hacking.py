@@ -5,6 +5,23 @@
     mpo-jax train --config configs/experiments/reward_hacking.py:mpo_iter0
     # a second seed: --config.seed=1 --config.run_dir=runs/reward_hacking/<arm>_seed1
 
+The final comparison (the paper's): held-out test prompts for every arm and the base policy, a
+pairwise Elo tournament by the independent judge (both orders of every pair), detector rates and
+lengths, then the arms side by side over training:
+
+    for arm in ppo_iter0 ppo_expert mpo_iter0; do
+      mpo-jax eval generate --model runs/reward_hacking/$arm --task essay --limit 16 --max-new-tokens 160 \
+        --out runs/reward_hacking/gen/$arm.jsonl
+    done
+    mpo-jax eval generate --model smollm2-135m-instruct --task essay --limit 16 --max-new-tokens 160 \
+      --out runs/reward_hacking/gen/base.jsonl
+    mpo-jax eval elo runs/reward_hacking/gen/*.jsonl --judge qwen2.5-coder-1.5b-instruct \
+      --out runs/reward_hacking/elo
+    mpo-jax eval score runs/reward_hacking/gen/*.jsonl --elo runs/reward_hacking/elo/elo.json \
+      --out runs/reward_hacking/final_table.md
+    mpo-jax eval compare runs/reward_hacking/ppo_iter0 runs/reward_hacking/ppo_expert \
+      runs/reward_hacking/mpo_iter0 --out docs/results/reward_hacking
+
 Arms share the seed, the update budget, the data order and the held-out evaluation; they differ
 only in the rubric (fixed iter0, fixed expert, or iter0 rewritten by the meta step). Each arm is
 resumable: rerun the same command after an interruption and it continues from its last
