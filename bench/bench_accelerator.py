@@ -26,13 +26,18 @@ Method
   one step must read: every weight except the input embedding (of which it gathers B rows) plus
   the keys and values; "as run" counts the whole cache capacity (what the attention reads
   today), "minimum" only the filled slots (on average 128 + 208 at the measured steps).
+  "Forward alone": one jitted T = 1 forward against the cache, LM head and argmax, called from
+  Python in a loop; the loop's step minus this is what the `while_loop` and sampling add.
   transformers: `Qwen2ForCausalLM` with the same shape and `generate` (default dynamic cache,
   `min_new_tokens` = `max_new_tokens`), the same difference method.
+* `--attention blocked` times the update with `models/blocked_attention.py` instead of the dense
+  attention; `--no-decode` times the update alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -133,6 +138,36 @@ def run_decode_jax(model, batch: int, rng: np.random.Generator) -> dict:
     out["step_s"] = (out[f"s_{DECODE_LONG}"] - out[f"s_{DECODE_SHORT}"]) / max(steps, 1)
     out["extra_steps"] = steps
     return out
+
+
+def run_decode_step_probe(model, batch: int, steps: int = 64) -> dict:
+    """Seconds of one jitted decode forward (T = 1 against the cache, LM head, argmax) called alone,
+    outside the sampler's `while_loop` and without its sampling bookkeeping: the loop's per-step time
+    minus this is what the loop and sampling add."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpo_jax.models.kv_cache import KVCache
+
+    graphdef = model.sampler.graphdef
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def step(params, cache, token):
+        module = nnx.merge(graphdef, params)
+        hidden, cache = module.hidden_states(token[:, None], jnp.ones((token.shape[0], 1), bool), cache)
+        return jnp.argmax(module.logits_from_hidden(hidden[:, 0]), axis=-1).astype(jnp.int32), cache
+
+    cache = KVCache.create(model.config, batch, PROMPT_TOKENS + 256)
+    token = jnp.full((batch,), 5, jnp.int32)
+    for _ in range(PROMPT_TOKENS):  # fill the cache as a prompt would (and compile)
+        token, cache = step(model.params, cache, token)
+    jax.block_until_ready(token)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token, cache = step(model.params, cache, token)
+    jax.block_until_ready(token)
+    return {"forward_step_s": (time.perf_counter() - start) / steps}
 
 
 def run_decode_torch(c, batch: int, rng: np.random.Generator) -> dict:
@@ -257,20 +292,22 @@ def run(args) -> dict:
     config = model_config(args.shape, tokenizer)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
-    policy = from_random(config.replace(remat=True, remat_policy=args.remat_policy), tokenizer, seed=0)
+    train = dict(remat=True, remat_policy=args.remat_policy, attention_impl=args.attention)
+    policy = from_random(config.replace(**train), tokenizer, seed=0)
     log(f"policy initialised in {time.perf_counter() - start:.1f} s")
     result["config"] = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                         "num_layers", "num_heads", "num_kv_heads", "head_dim",
                                                         "tie_word_embeddings")}
     mean_filled = PROMPT_TOKENS + (DECODE_SHORT + DECODE_LONG) / 2
     result["decode"] = {}
-    for batch in args.decode_batches:
+    for batch in [] if args.no_decode else args.decode_batches:
         result["decode"][batch] = run_decode_jax(policy, batch, rng)
+        result["decode"][batch].update(run_decode_step_probe(policy, batch))
         result["decode"][batch].update(bytes_minimum=decode_bytes(config, batch, mean_filled),
                                        bytes_whole_cache=decode_bytes(config, batch, PROMPT_TOKENS + 256))
         log(f"[decode jax] batch {batch}: {result['decode'][batch]}")
     result["decode_torch"] = {}
-    if not args.no_torch:
+    if not args.no_torch and not args.no_decode:
         try:
             for batch in args.decode_batches:
                 result["decode_torch"][batch] = run_decode_torch(config, batch, rng)
@@ -282,8 +319,7 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()  # the reference's weights went with its function's frame
         except ImportError as exc:
             log(f"transformers reference skipped: {exc}")
-    critic = from_random(config.replace(remat=True, remat_policy=args.remat_policy, value_head=True), tokenizer,
-                         seed=1)
+    critic = from_random(config.replace(value_head=True, **train), tokenizer, seed=1)
     result["ppo"] = run_ppo(policy, critic, args, rng)
     return result
 
@@ -309,7 +345,7 @@ def report(args, info: dict, r: dict, wall_s: float) -> str:
     med = statistics.median(ppo["times"])
     model_flops = ppo["flops"]["model"]
     tokens = args.batch * (args.prompt + args.response)
-    out += ["### PPO update (policy + critic, full fine-tuning, AdamW, remat "
+    out += [f"### PPO update (policy + critic, full fine-tuning, AdamW, {args.attention} attention, remat "
             f"'{args.remat_policy}'; batch {args.batch}, prompt {args.prompt} + response {args.response})", ""]
     row = [f"{med:.3f}", f"{tokens / med:,.0f}", f"{model_flops / 1e12:.1f}", f"{model_flops / med / 1e12:.0f}",
            f"{model_flops / med / peak_flops:.0%}", f"{model_flops / med / sheet[0]:.0%}" if sheet else "-",
@@ -322,30 +358,36 @@ def report(args, info: dict, r: dict, wall_s: float) -> str:
             f"loss {ppo['loss']:.4f} ({'finite' if ppo['finite'] else '**not finite**'}); parameters "
             + ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in ppo["n_params"].items()), ""]
 
-    out += [f"### Decode (greedy, prompt {PROMPT_TOKENS}, cache {PROMPT_TOKENS} + 256 slots; per-token step from "
-            f"{DECODE_LONG} - {DECODE_SHORT} decoded tokens)", ""]
-    rows = []
+    if r["decode"]:
+        out += decode_section(r, sheet, peak_bw)
+    out += ["", f"_Bench wall time {wall_s:.0f} s._"]
+    return "\n".join(out)
 
+
+def decode_section(r: dict, sheet: tuple[float, float] | None, peak_bw: float) -> list[str]:
+    out = [f"### Decode (greedy, prompt {PROMPT_TOKENS}, cache {PROMPT_TOKENS} + 256 slots; per-token step from "
+           f"{DECODE_LONG} - {DECODE_SHORT} decoded tokens)", ""]
+    rows = []
     for engine, table in (("mpo-jax", r["decode"]), ("transformers generate", r["decode_torch"])):
         for batch, d in table.items():
-            batch = int(batch)
             step = d["step_s"]
             as_run = d["bytes_whole_cache"] if engine == "mpo-jax" else None
             minimum = d["bytes_minimum"]
-            rows.append([engine, batch, f"{step * 1e3:.2f}", f"{batch / step:,.0f}",
-                         f"{minimum / 2**20:.0f}", f"{minimum / step / 1e12:.2f}",
+            forward = d.get("forward_step_s")
+            rows.append([engine, int(batch), f"{step * 1e3:.2f}", "-" if forward is None else f"{forward * 1e3:.2f}",
+                         f"{int(batch) / step:,.0f}", f"{minimum / 2**20:.0f}", f"{minimum / step / 1e12:.2f}",
                          f"{minimum / step / sheet[1]:.0%}" if sheet else "-", f"{minimum / step / peak_bw:.0%}",
-                         "-" if as_run is None else f"{as_run / step / peak_bw:.0%}",
-                         f"{d['extra_steps']}"])
-    out.append(markdown_table(["engine", "batch", "ms / step", "tok/s", "MiB read / step (minimum)", "TB/s",
-                               "of HBM (data sheet)", "of measured copy", "as run (whole cache)", "steps"], rows))
-    out.append("")
+                         "-" if as_run is None else f"{as_run / step / peak_bw:.0%}", f"{d['extra_steps']}"])
+    out.append(markdown_table(["engine", "batch", "ms / step", "forward alone ms", "tok/s",
+                               "MiB read / step (minimum)", "TB/s", "of HBM (data sheet)", "of measured copy",
+                               "as run (whole cache)", "steps"], rows))
+    out += ["", "- forward alone: one jitted T = 1 forward against the cache plus LM head and argmax, called from "
+            "Python in a loop (no `while_loop`, no sampling bookkeeping)"]
     for batch in r["decode"]:
         if batch in r["decode_torch"]:
             jx, th = r["decode"][batch], r["decode_torch"][batch]
             out.append(f"- batch {batch}: mpo-jax {th['step_s'] / jx['step_s']:.2f}x transformers per step")
-    out += ["", f"_Bench wall time {wall_s:.0f} s._"]
-    return "\n".join(out)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--remat-policy", choices=("full", "dots"), default="full")
+    parser.add_argument("--attention", choices=("dense", "blocked"), default="dense",
+                        help="training attention of the PPO update (ModelConfig.attention_impl)")
+    parser.add_argument("--no-decode", action="store_true", help="time the PPO update only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers decode reference")
     parser.add_argument("--markdown-out", type=Path)

@@ -7,6 +7,7 @@ same data, on the same machine, in the same run.
     python bench/bench_ppo.py --repeats 2 --no-torch
     python bench/bench_ppo.py --epochs 2 --accum 2 --markdown-out /tmp/ppo.md
     python bench/bench_ppo.py --profile                         # + where the JAX update's time goes
+    python bench/bench_ppo.py --attention blocked               # JAX attention in causal query blocks
 
 About 7 minutes on a 2-core CPU at the defaults (each engine: ~45 s per update, 1 warm-up + 3
 timed); `--profile` adds about 2 minutes.
@@ -19,9 +20,10 @@ Method
   GAE, advantage whitening over the batch, then `--epochs` x 1 mini-batch x `--accum` micro-batches
   (gradient accumulation) of policy + critic forward/backward and one optimizer step per
   mini-batch. Policy: `load_model(MODEL, remat=True)`; critic: `load_model(MODEL, value_head=True,
-  remat=True)`; the train state holds the frozen reference copy of the policy, as TRL keeps a
-  reference model.
-* The PyTorch side is written in this file from the same math (TRL's PPOTrainer, reference §D.2):
+  remat=True)` (`--attention blocked`: both with `attention_impl="blocked"`, which skips the score blocks
+  above the causal diagonal; same loss and gradients); the train state holds the frozen reference copy of
+  the policy, as TRL keeps a reference model.
+* The PyTorch side is written from the same math (TRL's PPOTrainer, reference §D.2), in `_torch_ppo.py`:
   `LlamaForCausalLM` loaded from the same GGUF as policy, a second copy's `LlamaModel` trunk plus a
   `Linear(D, 1)` value head (initialised with mpo-jax's value-head weights) as critic, a third copy
   as frozen reference, `activation_checkpointing_enable()` (formerly `gradient_checkpointing_enable`;
@@ -135,10 +137,6 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def micro_batches(order: np.ndarray, accum: int) -> list[np.ndarray]:
-    return list(np.asarray(order).reshape(accum, -1))
-
-
 # -- the JAX engine -------------------------------------------------------------------------------------
 def run_jax(args: argparse.Namespace) -> dict:
     import flax
@@ -162,8 +160,9 @@ def run_jax(args: argparse.Namespace) -> dict:
 
     peak = [matmul_peak()]
     log(f"[jax] f32 matmul {peak[0]:.0f} GFLOP/s; loading models")
-    policy = load_model(MODEL, remat=True, remat_policy=args.remat_policy)
-    critic = load_model(MODEL, value_head=True, remat=True, remat_policy=args.remat_policy)
+    attention = dict(attention_impl=args.attention, attention_block=args.attention_block)
+    policy = load_model(MODEL, remat=True, remat_policy=args.remat_policy, **attention)
+    critic = load_model(MODEL, value_head=True, remat=True, remat_policy=args.remat_policy, **attention)
     config = PPOConfig(num_ppo_epochs=args.epochs, num_mini_batches=1, gradient_accumulation_steps=args.accum)
     config.check_batch_size(args.batch)
     state = create_train_state(policy, critic, config.optimizer)
@@ -270,7 +269,7 @@ def profile_jax(state, batch, config, args: argparse.Namespace) -> dict[str, flo
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         return keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
 
-    def no_attention(q, k, v, mask):  # same shapes, no T x T work: what attention costs
+    def no_attention(q, k, v, *_mask):  # same shapes, no T x T work: what attention costs (dense or blocked)
         return q + jnp.repeat(v, q.shape[2] // k.shape[2], axis=2)
 
     result = {}
@@ -282,12 +281,13 @@ def profile_jax(state, batch, config, args: argparse.Namespace) -> dict[str, flo
     for name, fn, inputs in pieces:
         patch = "attention removed" in name
         if patch:
-            saved, transformer.attention = transformer.attention, no_attention
+            saved = transformer.attention, transformer.blocked_causal_attention
+            transformer.attention = transformer.blocked_causal_attention = no_attention
         try:
             compiled = jax.jit(fn).lower(*inputs).compile()
         finally:
             if patch:
-                transformer.attention = saved
+                transformer.attention, transformer.blocked_causal_attention = saved
         jax.block_until_ready(compiled(*inputs))  # the first run also pays for allocating and paging in
         start = time.perf_counter()
         jax.block_until_ready(compiled(*inputs))
@@ -301,6 +301,7 @@ def run_torch(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF de-quantisation progress bars
     import torch
     import transformers
+    from _torch_ppo import PPOHyper, ppo_update, trunk_hidden
 
     from mpo_jax.engine import presets
 
@@ -346,90 +347,16 @@ def run_torch(args: argparse.Namespace) -> dict:
                                                            "logprobs", "ref_logprobs", "values", "scores",
                                                            "contains_eos")}
     orders = data["orders"]
-    p_len = t["query"].shape[1]
-    temperature, kl_coef, vf_coef, cliprange, cliprange_value, gamma, lam = 0.7, 0.05, 0.1, 0.2, 0.2, 1.0, 0.95
-    invalid_logprob = 1.0
+    hyper = PPOHyper(temperature=0.7, kl_coef=0.05, vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0,
+                     lam=0.95, max_grad_norm=1.0)
 
-    def masked_mean(x, mask):
-        return (x * mask).sum() / mask.sum()
-
-    def masked_whiten(x, mask):
-        mean = masked_mean(x, mask)
-        var = masked_mean((x - mean) ** 2, mask)
-        n = mask.sum()
-        var = var * n / (n - 1)
-        return (x - mean) * torch.rsqrt(var + 1e-8)
-
-    def trunk_hidden(model, idx):
-        tokens = torch.cat([t["query"][idx], t["response"][idx]], 1).long()
-        mask = torch.cat([t["query_mask"][idx], t["response_mask"][idx]], 1).long()
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = model(input_ids=tokens, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        return hidden.last_hidden_state[:, p_len - 1:-1]
+    def outputs(idx):
+        logits = policy.lm_head(trunk_hidden(policy.model, t, idx))
+        return logits, value_head(trunk_hidden(critic, t, idx))[..., 0]
 
     def update() -> dict[str, float]:
-        """TRL PPOTrainer's reward shaping, GAE, whitening and PPO epochs (reference §D.2)."""
-        with torch.no_grad():
-            response_mask = t["response_mask"]
-            r = response_mask.shape[1]
-            seq_len = response_mask.long().sum(1) - 1
-            idxs = torch.arange(r)[None]
-            padding = idxs > seq_len[:, None]
-            padding_p1 = idxs > (seq_len + 1)[:, None]
-            logprobs = t["logprobs"].masked_fill(padding, invalid_logprob)
-            ref_logprobs = t["ref_logprobs"].masked_fill(padding, invalid_logprob)
-            values = t["values"].masked_fill(padding_p1, 0.0)
-            kl = -(ref_logprobs - logprobs)  # k1
-            rewards = -kl_coef * kl
-            end = torch.where(seq_len + 1 < r, seq_len + 1, seq_len)
-            rewards[torch.arange(rewards.shape[0]), end] += t["scores"]
-            lastgaelam, reversed_adv = 0.0, []
-            for i in reversed(range(r)):
-                next_values = values[:, i + 1] if i < r - 1 else 0.0
-                delta = rewards[:, i] + gamma * next_values - values[:, i]
-                lastgaelam = delta + gamma * lam * lastgaelam
-                reversed_adv.append(lastgaelam)
-            advantages = torch.stack(reversed_adv[::-1], 1)
-            returns = advantages + values
-            advantages = masked_whiten(advantages, (~padding).float()).masked_fill(padding, 0.0)
-
-        sums: dict[str, float] = {}
-        count = steps = 0
-        for order in orders:
-            for idx in micro_batches(order, args.accum):
-                idx = torch.from_numpy(np.asarray(idx)).long()
-                pol_mask, val_mask = (~padding[idx]).float(), (~padding_p1[idx]).float()
-                logits = policy.lm_head(trunk_hidden(policy.model, idx)) / (temperature + 1e-7)
-                new_logprobs = torch.gather(logits.log_softmax(-1), 2, t["response"][idx].long()[..., None])[..., 0]
-                new_logprobs = new_logprobs.masked_fill(padding[idx], invalid_logprob)
-                vpred = value_head(trunk_hidden(critic, idx))[..., 0].masked_fill(padding_p1[idx], 0.0)
-                mb_values, mb_returns, mb_adv = values[idx], returns[idx], advantages[idx]
-                vclipped = torch.clamp(vpred, mb_values - cliprange_value, mb_values + cliprange_value)
-                vf1, vf2 = (vpred - mb_returns) ** 2, (vclipped - mb_returns) ** 2
-                vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), val_mask)
-                diff = new_logprobs - logprobs[idx]
-                ratio = torch.exp(diff)
-                pg1, pg2 = -mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-                pg_loss = masked_mean(torch.max(pg1, pg2), pol_mask)
-                loss = pg_loss + vf_coef * vf_loss
-                (loss / args.accum).backward()
-                with torch.no_grad():
-                    probs = torch.softmax(logits, -1)
-                    entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
-                    got = {"loss": loss, "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
-                           "policy/entropy_avg": masked_mean(entropy, pol_mask),
-                           "policy/approxkl_avg": 0.5 * (diff**2).mean(),
-                           "policy/clipfrac_avg": masked_mean((pg2 > pg1).float(), pol_mask),
-                           "val/clipfrac_avg": masked_mean((vf2 > vf1).float(), val_mask)}
-                for k, v in got.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                count += 1
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * args.accum
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-        return {k: v / count for k, v in sums.items()}
+        """TRL PPOTrainer's reward shaping, GAE, whitening and PPO epochs (`_torch_ppo.ppo_update`)."""
+        return ppo_update(t, orders, outputs, params, optimizer, hyper, num_mini_batches=1, accum=args.accum)
 
     reset = reset_peak_rss()
     start = time.perf_counter()
@@ -458,7 +385,8 @@ def run_engine(engine: str, args: argparse.Namespace, data: Path, workdir: Path)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--data", str(data),
            "--result", str(result), "--batch", str(args.batch), "--prompt", str(args.prompt),
            "--response", str(args.response), "--epochs", str(args.epochs), "--accum", str(args.accum),
-           "--repeats", str(args.repeats), "--seed", str(args.seed), "--remat-policy", args.remat_policy] + (
+           "--repeats", str(args.repeats), "--seed", str(args.seed), "--remat-policy", args.remat_policy,
+           "--attention", args.attention, "--attention-block", str(args.attention_block)] + (
                ["--profile"] if args.profile else [])
     subprocess.run(cmd, check=True)
     return json.loads(result.read_text(encoding="utf-8"))
@@ -484,7 +412,9 @@ def report(args, info, jx: dict, th: dict | None, load_before, others, wall_s: f
             + (" — **the machine was busy: timings are pessimistic**" if busy else ""),
             f"- SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32) as policy and as critic (+ value head), "
             f"full fine-tuning, AdamW, per-layer remat / gradient checkpointing (JAX remat policy "
-            f"'{args.remat_policy}'); batch {args.batch}, prompt "
+            f"'{args.remat_policy}', attention '{args.attention}'"
+            + (f" in blocks of {args.attention_block} queries" if args.attention == "blocked" else "")
+            + f"); batch {args.batch}, prompt "
             f"{args.prompt} + response {args.response} tokens, {args.epochs} epoch(s) x 1 mini-batch x "
             f"{args.accum} micro-batch(es); median of {args.repeats} updates after a warm-up", ""]
 
@@ -565,6 +495,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--remat-policy", choices=("full", "dots"), default="full",
                         help="JAX layers: 'full' recomputes the whole layer in the backward pass (as PyTorch's "
                              "activation checkpointing does); 'dots' keeps the weight-matmul outputs")
+    parser.add_argument("--attention", choices=("dense", "blocked"), default="dense",
+                        help="JAX side only: 'dense' masks the full T x T scores; 'blocked' computes causal query "
+                             "blocks, skipping those above the diagonal (ModelConfig.attention_impl)")
+    parser.add_argument("--attention-block", type=int, default=64,
+                        help="JAX side, --attention blocked: query rows per block")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch implementation")
     parser.add_argument("--profile", action="store_true",
                         help="also time pieces of the JAX update alone (about +2 minutes)")
