@@ -50,3 +50,16 @@ def flops(dims: dict, b: int, p: int, r: int, epochs: int) -> dict[str, float]:
     model = epochs * 3 * (2 * trunk_fwd + lm_head_fwd + value_fwd)
     return dict(model=model, recompute=epochs * 2 * trunk_fwd, n_block=n_block, trunk_fwd=trunk_fwd,
                 lm_head_fwd=lm_head_fwd, attn_fwd=b * t * 4 * layers * t * d_attn)
+
+
+def add_rollout_noise(arrays: dict[str, np.ndarray], logprobs: np.ndarray, values: np.ndarray,
+                      rng: np.random.Generator) -> None:
+    """Old and reference log-probs and values near the initial networks' (into `arrays`).
+
+    Exactly on-policy log-probs make the first step's whitened policy loss ~0; Gaussian noise (0.1
+    on log-probs and values, 0.2 on the reference) exercises KL, ratio and value clipping.
+    """
+    shape = logprobs.shape
+    arrays["logprobs"] = (logprobs + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    arrays["ref_logprobs"] = (logprobs + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+    arrays["values"] = (values + 0.1 * rng.standard_normal(shape)).astype(np.float32)

@@ -53,7 +53,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
 import numpy as np  # noqa: E402
 from _common import machine_info, markdown_table  # noqa: E402
-from _ppo_inputs import flops, make_arrays  # noqa: E402
+from _ppo_inputs import add_rollout_noise, flops, make_arrays  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -243,10 +243,7 @@ def run_ppo(policy, critic, args, rng: np.random.Generator) -> dict:
 
     logprobs, values = jax.device_get(rollout_stats(state, *(jnp.asarray(arrays[k]) for k in
                                                               ("query", "query_mask", "response", "response_mask"))))
-    shape = logprobs.shape
-    arrays["logprobs"] = (logprobs + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    arrays["ref_logprobs"] = (logprobs + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-    arrays["values"] = (values + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    add_rollout_noise(arrays, logprobs, values, rng)
     batch = place_batch(RolloutBatch(**arrays), None)
     keys = [jax.random.key(i) for i in range(args.repeats + 1)]
     update = compile_update(make_ppo_update(config), state, None)

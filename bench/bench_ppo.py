@@ -90,7 +90,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
-from _ppo_inputs import flops, make_arrays  # noqa: E402
+from _ppo_inputs import add_rollout_noise, flops, make_arrays  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MATMUL_N = 2048
@@ -194,10 +194,7 @@ def run_jax(args: argparse.Namespace) -> dict:
     logprobs, values = jax.device_get(rollout_stats(state, *(jnp.asarray(arrays[k]) for k in
                                                               ("query", "query_mask", "response", "response_mask"))))
     log(f"[jax] rollout log-probs and values in {time.perf_counter() - start:.1f} s (incl. compile)")
-    shape = logprobs.shape
-    arrays["logprobs"] = (logprobs + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    arrays["ref_logprobs"] = (logprobs + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-    arrays["values"] = (values + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    add_rollout_noise(arrays, logprobs, values, rng)
     keys = [jax.random.key(i) for i in range(args.repeats + 1)]
     orders = np.stack([np.asarray(jax.random.permutation(k, args.batch))
                        for k in jax.random.split(keys[0], args.epochs)])
