@@ -66,6 +66,31 @@ def read_jsonl_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str
     return [(number, row) for number, _, row in iter_jsonl_objects(path)]
 
 
+def read_jsonl_lenient(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
+    """(objects, number of skipped lines) of a JSONL file another process may still be writing.
+
+    Lines that are not JSON objects (a torn last line, a stray value) are skipped and counted
+    rather than raised, for readers that report on a run in progress; a missing file is empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
 def truncate_jsonl_after(path: str | os.PathLike[str], last_update: int) -> None:
     """Keep only the lines of a per-update JSONL file whose `update` is <= `last_update`.
 

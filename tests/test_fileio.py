@@ -2,7 +2,7 @@
 
 import pytest
 
-from mpo_jax.fileio import atomic_write_text, read_jsonl_objects
+from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient, read_jsonl_objects
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temp_files(tmp_path):
@@ -60,3 +60,11 @@ def test_truncating_a_per_update_jsonl_keeps_the_updates_up_to_the_checkpoint(tm
     assert path.read_text() == '{"update": 1, "x": "a"}\n{"update": 2}\n'
     truncate_jsonl_after(tmp_path / "missing.jsonl", 2)
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_the_lenient_reader_skips_and_counts_what_a_running_writer_left(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"update": 1}\n\n[1, 2]\n{"update": 2, "score": 0.5}\n{"update": 3, "sco', encoding="utf-8")
+    rows, skipped = read_jsonl_lenient(path)
+    assert rows == [{"update": 1}, {"update": 2, "score": 0.5}] and skipped == 2  # the list and the torn line
+    assert read_jsonl_lenient(tmp_path / "missing.jsonl") == ([], 0)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from mpo_jax.errors import InvalidValueError, MissingDependencyError
-from mpo_jax.fileio import atomic_write_text
+from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient
 from mpo_jax.train.metrics import decode_value, encode_value, markdown_fence
 from mpo_jax.train.report import markdown_text
 from mpo_jax.train.report_data import MetaMarkers, ReportError, RunData, is_number, load_run, meta_markers
@@ -68,18 +68,10 @@ class Arm:
 
 def _jsonl_objects(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     """The JSON objects with an int `update` >= 0; other lines (a torn last line of a running arm) are skipped."""
-    if not path.is_file():
-        return []
-    rows, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        update = row.get("update") if isinstance(row, dict) else None
+    objects, bad = read_jsonl_lenient(path)
+    rows = []
+    for row in objects:
+        update = row.get("update")
         if isinstance(update, int) and not isinstance(update, bool) and update >= 0:
             rows.append(row)
         else:

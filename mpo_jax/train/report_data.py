@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mpo_jax.errors import MpoError
+from mpo_jax.fileio import read_jsonl_lenient
 from mpo_jax.reward.rubric_history import HistoryEvent, RubricHistory
 from mpo_jax.rubric import Rubric, RubricError
 from mpo_jax.train.metrics import read_metrics
@@ -105,22 +106,7 @@ def _read_meta_evaluations(run_dir: Path, problems: list[str]) -> tuple[tuple[in
 
 
 def _read_rollouts(path: Path, problems: list[str]) -> tuple[dict[str, Any], ...]:
-    if not path.is_file():
-        return ()
-    rows = []
-    bad = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
+    rows, bad = read_jsonl_lenient(path)
     if bad:
         problems.append(f"{ROLLOUTS_FILE}: skipped {bad} line(s) that are not JSON objects")
     return tuple(rows)
