@@ -240,7 +240,7 @@ def run_jax(args: argparse.Namespace) -> dict:
 
     from mpo_jax.models.params import flat_from_state
     from mpo_jax.reward.judge import Judge
-    from mpo_jax.reward.meta import MetaRewardModel, MetaSample
+    from mpo_jax.reward.meta import MetaSample
     from mpo_jax.rl import (
         RolloutBatch,
         compile_rollout_stats,
@@ -251,7 +251,12 @@ def run_jax(args: argparse.Namespace) -> dict:
     )
     from mpo_jax.tasks import get_task, load_records
     from mpo_jax.tasks.base import fenced_task
-    from mpo_jax.train.model_specs import build_model, build_policy_and_state, install_policy_params
+    from mpo_jax.train.model_specs import (
+        build_meta_reward_model,
+        build_model,
+        build_policy_and_state,
+        install_policy_params,
+    )
     from mpo_jax.train.rollout import sample_rollouts
 
     cfg = bench_config(args)
@@ -282,13 +287,7 @@ def run_jax(args: argparse.Namespace) -> dict:
 
     judges = {"generate": make_judge("generate"), "logits": make_judge("logits")}
     count_logits_judge(judges["logits"], phases)
-    m = cfg.meta
-    mrm = MetaRewardModel(judge_model, task=task, num_samples=m.num_samples, prescreen=m.prescreen,
-                          analysis_words=m.analysis_words, item_words=m.item_words, analysis_tokens=m.analysis_tokens,
-                          item_tokens=m.item_tokens, max_items=m.max_items, merge_words=m.merge_words,
-                          merged_rubric_words=m.merged_rubric_words, guideline_tokens=m.guideline_tokens,
-                          sense_check=m.sense_check, max_copied_fraction=m.max_copied_fraction,
-                          temperature=m.temperature)
+    mrm = build_meta_reward_model(judge_model, task, cfg.meta)
     rollout_stats = compile_rollout_stats(make_rollout_stats(cfg.ppo.temperature), state, None)
     update_step = compile_update(make_ppo_update(cfg.ppo), state, None)
 
@@ -383,7 +382,7 @@ def run_jax(args: argparse.Namespace) -> dict:
     for rolled, scores in zip(extra, extra_scores, strict=True):
         samples += [MetaSample(record=r, response=t, score=float(s)) for r, t, s in
                     zip(rolled.records, rolled.texts, scores, strict=True)]
-    samples = samples[:max(m.num_samples, b)]
+    samples = samples[:max(cfg.meta.num_samples, b)]
     step = cfg.meta.interval
     meta = phase("meta", lambda: mrm.meta_step(rubric, samples, np.random.default_rng([cfg.seed, step, 2]), step=step,
                                                fits=judges["logits"].fits))
@@ -655,9 +654,10 @@ def run_torch(args: argparse.Namespace) -> dict:
 
     from mpo_jax.engine import presets
     from mpo_jax.reward.judge import Judge
-    from mpo_jax.reward.meta import MetaRewardModel, MetaSample
+    from mpo_jax.reward.meta import MetaSample
     from mpo_jax.tasks import get_task
     from mpo_jax.tasks.base import fenced_task
+    from mpo_jax.train.model_specs import build_meta_reward_model
 
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -789,13 +789,7 @@ def run_torch(args: argparse.Namespace) -> dict:
     ppo_metrics = phase("ppo", ppo)
 
     # 4. the meta step on the same buffer
-    m = cfg.meta
-    mrm = MetaRewardModel(meta_chat, task=task, num_samples=m.num_samples, prescreen=m.prescreen,
-                          analysis_words=m.analysis_words, item_words=m.item_words, analysis_tokens=m.analysis_tokens,
-                          item_tokens=m.item_tokens, max_items=m.max_items, merge_words=m.merge_words,
-                          merged_rubric_words=m.merged_rubric_words, guideline_tokens=m.guideline_tokens,
-                          sense_check=m.sense_check, max_copied_fraction=m.max_copied_fraction,
-                          temperature=m.temperature)
+    mrm = build_meta_reward_model(meta_chat, task, cfg.meta)
     samples = [MetaSample(record=s["record"], response=s["response"], score=s["score"],
                           rationales=tuple(s["rationales"])) for s in shared["samples"]]
     step = cfg.meta.interval

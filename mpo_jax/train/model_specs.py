@@ -9,7 +9,8 @@ from jax.sharding import Mesh
 
 from mpo_jax.engine import presets
 from mpo_jax.engine.language_model import LanguageModel, from_random, load_model
-from mpo_jax.train.config import ConfigError, ModelSpec, RemoteSpec, TrainConfig
+from mpo_jax.reward.meta import MetaRewardModel
+from mpo_jax.train.config import ConfigError, MetaSpec, ModelSpec, RemoteSpec, TrainConfig
 
 TINY = "tiny-random"
 
@@ -44,6 +45,17 @@ def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False,
                       attention_block=spec.attention_block,
                       lora_rank=lora_rank, lora_alpha=spec.lora_alpha, lora_targets=tuple(spec.lora_targets),
                       **sampler_kwargs)
+
+
+def build_meta_reward_model(model: Any, task: Any, meta: MetaSpec) -> MetaRewardModel:
+    """The meta-reward model on `model` (local or remote) as `meta.*` configures it."""
+    return MetaRewardModel(model, task=task, num_samples=meta.num_samples, prescreen=meta.prescreen,
+                           analysis_words=meta.analysis_words, item_words=meta.item_words,
+                           analysis_tokens=meta.analysis_tokens, item_tokens=meta.item_tokens,
+                           max_items=meta.max_items, merge_words=meta.merge_words,
+                           merged_rubric_words=meta.merged_rubric_words, guideline_tokens=meta.guideline_tokens,
+                           sense_check=meta.sense_check, max_copied_fraction=meta.max_copied_fraction,
+                           temperature=meta.temperature)
 
 
 def build_remote(spec: RemoteSpec):

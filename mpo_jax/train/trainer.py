@@ -32,7 +32,7 @@ from mpo_jax.data import PromptIterator, prepare_task_source
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.reward.judge import Judge
-from mpo_jax.reward.meta import KEPT_REASONS, MetaRewardModel, MetaSample, group_meta_step, save_meta_evaluation
+from mpo_jax.reward.meta import KEPT_REASONS, MetaSample, group_meta_step, save_meta_evaluation
 from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.rl import (
     RolloutBatch,
@@ -54,6 +54,7 @@ from mpo_jax.train.evaluator import TrainingEvaluator, held_out_records
 from mpo_jax.train.evaluator import append_rows as append_eval_rows
 from mpo_jax.train.metrics import MetricsWriter
 from mpo_jax.train.model_specs import (
+    build_meta_reward_model,
     build_model,
     build_policy_and_state,
     build_remote,
@@ -171,14 +172,7 @@ class Trainer:
                            plan_tokens=config.judge.plan_tokens,
                            max_items=max(config.judge_max_items, self.history.current.num_items),
                            item_turn_tokens=config.judge.item_turn_tokens, seed=config.seed)
-        m = config.meta
-        self.mrm = MetaRewardModel(meta_model, task=self.task, num_samples=m.num_samples, prescreen=m.prescreen,
-                                   analysis_words=m.analysis_words, item_words=m.item_words,
-                                   analysis_tokens=m.analysis_tokens, item_tokens=m.item_tokens,
-                                   max_items=m.max_items, merge_words=m.merge_words,
-                                   merged_rubric_words=m.merged_rubric_words, guideline_tokens=m.guideline_tokens,
-                                   sense_check=m.sense_check, max_copied_fraction=m.max_copied_fraction,
-                                   temperature=m.temperature)
+        self.mrm = build_meta_reward_model(meta_model, self.task, config.meta)
         self.judge.set_rubric(self.history.current)
         # Meta steps that kept the rubric, by reason (cumulative, checkpointed): a run whose rubric
         # never changes shows why in its metrics.
