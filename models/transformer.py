@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from mpo_jax.models.blocked_attention import MASK_VALUE as _MASK_VALUE
 from mpo_jax.models.blocked_attention import blocked_causal_attention
@@ -126,6 +126,28 @@ def tied_logits(hidden: jax.Array, embed: jax.Array, chunks: int = 8) -> jax.Arr
     return jnp.moveaxis(out, 0, 1).reshape(*hidden.shape[:-1], vocab)
 
 
+def tied_logits_over_blocks(hidden: jax.Array, blocks: Sequence[jax.Array]) -> jax.Array:
+    """`tied_logits` with the embedding's row blocks already split (see `DecodeWeights`)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = [jnp.einsum("nd,vd->nv", flat, block, preferred_element_type=jnp.float32) for block in blocks]
+    return jnp.concatenate(out, axis=-1).reshape(*hidden.shape[:-1], -1)
+
+
+@struct.dataclass
+class DecodeWeights:
+    """The weights a decode step reads, split per layer (and per vocabulary block) once per call.
+
+    XLA:CPU's dot kernels do not read a slice of the stacked layer weights in place: each
+    layer of a scan first copies its weights out, and the chunked LM head copies its blocks.
+    Prefill and training amortise that copy over many tokens, but a decode step reads every
+    weight once, so the copy about doubles its memory traffic. The decode loop makes these
+    views before its `while_loop` (the loop only reads them) and runs the layers unrolled.
+    """
+
+    layers: tuple[dict[str, jax.Array], ...]  # per layer: name -> weight (matrices in compute dtype)
+    vocab_blocks: tuple[jax.Array, ...] | None  # tied LM head: row blocks of the embedding
+
+
 class LoRAParam(nnx.Param):
     """A low-rank adapter weight: the only trainable parameters in LoRA fine-tuning."""
 
@@ -191,16 +213,20 @@ class Transformer(nnx.Module):
         hidden, cache = self.hidden_states(tokens, valid, cache, adapters=adapters)
         return self.logits_from_hidden(hidden, adapters=adapters), cache
 
-    def logits_from_hidden(self, hidden: jax.Array, *, adapters: bool = True) -> jax.Array:
+    def logits_from_hidden(self, hidden: jax.Array, *, adapters: bool = True,
+                           weights: DecodeWeights | None = None) -> jax.Array:
         """Float32 logits of final hidden states; `adapters=False` skips an `lm_head` adapter.
 
         A reference-policy forward must pass the same `adapters` here as to `hidden_states`.
+        `weights` (from `decode_weights`) reads a tied head's pre-split vocabulary blocks.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
         hidden = hidden.astype(dtype)
         if not c.tie_word_embeddings:
             logits = jnp.dot(hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        elif weights is not None and weights.vocab_blocks is not None:
+            logits = tied_logits_over_blocks(hidden, weights.vocab_blocks)
         else:
             # Tied: the transposed input embedding; an adapter adds to this product only.
             logits = tied_logits(hidden, self.embed[...].astype(dtype))
@@ -217,7 +243,8 @@ class Transformer(nnx.Module):
         return (hidden.astype(jnp.float32) @ kernel)[..., 0] + self.value_head.bias[...][0]
 
     def hidden_states(self, tokens: jax.Array, valid: jax.Array | None = None,
-                      cache: KVCache | None = None, *, adapters: bool = True) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, *, adapters: bool = True,
+                      weights: DecodeWeights | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [B, T, D] for token ids [B, T].
 
         `valid` [B, T] marks real tokens (default: all). With a cache, the tokens are written
@@ -225,7 +252,8 @@ class Transformer(nnx.Module):
         `adapters=False` runs the base model of a LoRA model (the PPO reference policy); pass the
         same flag to `logits_from_hidden`, which holds an `lm_head` adapter. Without a cache,
         `config.attention_impl == "blocked"` computes attention in causal query blocks
-        (`blocked_attention`): same results, less work and memory in training.
+        (`blocked_attention`): same results, less work and memory in training. `weights` (from
+        `decode_weights`, made with the same `adapters`) runs the layers unrolled on them.
         """
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
         start = jnp.zeros(tokens.shape[:1], jnp.int32) if cache is None else cache.next_position
@@ -252,7 +280,7 @@ class Transformer(nnx.Module):
             return attention(q, keys, values, mask), cache_kv, None
 
         kv = None if cache is None else cache.layers_view()
-        hidden, kv, _ = self._decode_layers(tokens, valid, start, attend, kv, None, adapters)
+        hidden, kv, _ = self._decode_layers(tokens, valid, start, attend, kv, None, adapters, weights)
         if cache is not None:
             cache = cache.advance(kv, valid)
         return hidden, cache
@@ -279,22 +307,50 @@ class Transformer(nnx.Module):
                                                        adapters)
         return hidden, ContextKV(k=keys, v=values, valid=valid)
 
-    def _decode_layers(self, tokens, valid, start, attend, state, layer_xs, adapters):
+    def _layer_lora_targets(self, adapters: bool) -> tuple[str, ...]:
+        c = self.config
+        return tuple(t for t in c.lora_targets if t != "lm_head") if (adapters and c.lora_rank) else ()
+
+    def _layer_params(self, adapters: bool) -> dict[str, jax.Array]:
+        """The stacked [L, ...] weights the blocks read (adapters included when on)."""
+        names = _LAYER_PARAMS + (_BIAS_PARAMS if self.config.attention_bias else ())
+        names += tuple(f"{t}_lora_{ab}" for t in self._layer_lora_targets(adapters) for ab in "ab")
+        return {name: getattr(self.layers, name)[...] for name in names}
+
+    def decode_weights(self, *, adapters: bool = True, vocab_chunks: int = 8) -> DecodeWeights:
+        """Per-layer (and per-vocabulary-block) views of the weights for a decode loop.
+
+        Make them once, outside the loop; see `DecodeWeights` for why.
+        """
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+
+        def view(name: str, array: jax.Array) -> jax.Array:
+            return array if name.endswith(("norm", "bias")) else array.astype(dtype)
+
+        stacked = self._layer_params(adapters)
+        layers = tuple({name: view(name, a[i]) for name, a in stacked.items()} for i in range(c.num_layers))
+        blocks = None
+        if c.tie_word_embeddings and c.vocab_size % vocab_chunks == 0:
+            embed = self.embed[...].astype(dtype)
+            size = c.vocab_size // vocab_chunks
+            blocks = tuple(embed[i * size:(i + 1) * size] for i in range(vocab_chunks))
+        return DecodeWeights(layers=layers, vocab_blocks=blocks)
+
+    def _decode_layers(self, tokens, valid, start, attend, state, layer_xs, adapters, weights=None):
         """The decoder blocks under one scan; `attend` decides where keys/values come from and go.
 
         `attend(q, k, v, layer_index, state, layer_x) -> (out, state, emitted)`: `state` is
         carried through the layers, `layer_x` is this layer's slice of `layer_xs`, and the
-        stacked `emitted` values are returned.
+        stacked `emitted` values are returned. With `weights` (`decode_weights`) the layers run
+        unrolled on those views instead, with Python-int layer indices.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
         positions = jnp.maximum(start[:, None] + jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         inv_freq = rope_inverse_frequencies(c)
-        names = _LAYER_PARAMS + (_BIAS_PARAMS if c.attention_bias else ())
-        lora_targets = tuple(t for t in c.lora_targets if t != "lm_head") if (adapters and c.lora_rank) else ()
-        names += tuple(f"{t}_lora_{ab}" for t in lora_targets for ab in "ab")
-        layer_params = {name: getattr(self.layers, name)[...] for name in names}
+        lora_targets = self._layer_lora_targets(adapters)
         lora_scale = c.lora_alpha / max(c.lora_rank, 1)
 
         def linear(h, p, name):
@@ -327,11 +383,21 @@ class Transformer(nnx.Module):
                       else None)
             block = jax.checkpoint(block, prevent_cse=False, policy=policy)
 
+        if weights is not None:
+            emitted_per_layer = []
+            for i, p in enumerate(weights.layers):
+                layer_x = None if layer_xs is None else jax.tree.map(lambda a, i=i: a[i], layer_xs)
+                x, state, emitted = block(x, i, p, state, layer_x)
+                emitted_per_layer.append(emitted)
+            emitted = jax.tree.map(lambda *a: jnp.stack(a), *emitted_per_layer)
+            return rms_norm(x, self.final_norm[...], c.rms_norm_eps), state, emitted
+
         def scan_body(carry, xs):
             x, state = carry
             layer_index, p, layer_x = xs
             x, state, emitted = block(x, layer_index, p, state, layer_x)
             return (x, state), emitted
 
+        layer_params = self._layer_params(adapters)
         (x, state), emitted = jax.lax.scan(scan_body, (x, state), (jnp.arange(c.num_layers), layer_params, layer_xs))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), state, emitted

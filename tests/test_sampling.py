@@ -175,3 +175,33 @@ def test_left_pad_refuses_rows_that_do_not_fit():
         left_pad([[1], [1, 2, 3]], 2, 0, what="prompt")
     with pytest.raises(ValueError, match="2 rows do not fit a batch of 1"):
         left_pad([[1], [2]], 3, 0, batch=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied head with LoRA on it; tied head, biases
+def test_unrolled_decode_matches_full_forward_passes_and_the_layer_scan(arch, tmp_path):
+    """The decode loop's per-layer weight views (adapters included) give the scan's tokens and log-probs."""
+    from mpo_jax.models.config import lora_param_shapes
+
+    tokenizer = Tokenizer.from_dir(tiny_tokenizer_dir(tmp_path))
+    config = tiny_config(arch, vocab_size=VOCAB, num_layers=3, lora_rank=2, lora_alpha=4.0,
+                         lora_targets=("q_proj", "v_proj", "down_proj", "lm_head"))
+    rng = np.random.default_rng(3)
+    flat = random_params(config, seed=5)
+    flat.update({name: (0.3 * rng.standard_normal(shape)).astype(np.float32)  # B != 0: adapters matter
+                 for name, shape in lora_param_shapes(config).items()})
+    graphdef, params = place_params(config, flat, None)
+    buckets = dict(prompt_buckets=(16,), generation_buckets=(8,), batch_buckets=(4,))
+    unrolled = LanguageModel(config, tokenizer, graphdef, params, **buckets)
+    scanned = LanguageModel(config, tokenizer, graphdef, params, unroll_layers=False, **buckets)
+    assert unrolled.sampler.unroll_layers and not scanned.sampler.unroll_layers
+    prompts = [[10, 20, 30, 40, 50], [7, 8], [100, 101, 102]]
+    greedy = SamplingParams(max_new_tokens=7)
+    out = unrolled.sampler.generate(prompts, greedy)
+    for row, prompt in enumerate(prompts):
+        expected, expected_logps = greedy_oracle(unrolled, prompt, 7, unrolled.tokenizer.eos_ids)
+        assert out.tokens[row, :len(expected)].tolist() == expected
+        np.testing.assert_allclose(out.logprobs[row, :len(expected)], expected_logps, atol=1e-4)
+    sampled = SamplingParams(max_new_tokens=7, temperature=1.0, seed=11)
+    a, b = unrolled.sampler.generate(prompts, sampled), scanned.sampler.generate(prompts, sampled)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

@@ -430,3 +430,21 @@ def test_the_judge_rubric_budget_follows_the_meta_config():
     assert config.judge_rubric_tokens(100) == -(-expected // 256) * 256 >= expected
     fixed = load_config(f"{ROOT}/configs/paper.py:essay_ppo_expert")  # no meta step: the initial rubric decides
     assert fixed.judge_rubric_tokens(1300) == -(-(1300 + RUBRIC_HEADROOM_TOKENS) // 256) * 256
+
+
+def test_the_meta_model_and_the_evaluation_judge_share_one_copy_when_their_specs_match(tmp_path, cache_env):
+    from mpo_jax.train.trainer import Trainer
+
+    other = ["--config.meta.model.name=tiny-random", "--config.meta.model.remat=false",
+             "--config.meta.model.seed=5", "--config.meta.model.tiny_hidden_size=48",
+             "--config.eval.every=2", "--config.eval.num_prompts=2", "--config.eval.judge_rubric=iter0",
+             "--config.eval.judge.name=tiny-random", "--config.eval.judge.remat=false",
+             "--config.eval.judge.tiny_hidden_size=48"]
+    trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={tmp_path / 'a'}", *other,
+                                         "--config.eval.judge.seed=5"]))
+    assert trainer.mrm.model is trainer.evaluator.independent_judge.model  # one spec, one copy
+    assert trainer.mrm.model is not trainer.judge_model
+    assert trainer.mrm.model.config.hidden_size == 48
+    trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={tmp_path / 'b'}", *other,
+                                         "--config.eval.judge.seed=6"]))
+    assert trainer.mrm.model is not trainer.evaluator.independent_judge.model  # other weights, own copy

@@ -29,9 +29,14 @@ checkpoint (every 2 updates).
 
 Models: policy SmolLM2-135M-Instruct (LoRA r=16 and a value head); training judge
 Qwen2.5-Coder-0.5B-Instruct in logits mode with the fenced prompt; meta-reward model
-Qwen2.5-Coder-0.5B-Instruct; independent evaluation judge Qwen2.5-Coder-1.5B-Instruct with the
-oracle rubric, which training never sees. Downloads: `make models-1.5b` (1.1 GB) and the 0.5B
+Qwen2.5-Coder-1.5B-Instruct, every 10 updates; independent evaluation judge
+Qwen2.5-Coder-1.5B-Instruct with the oracle rubric, which training never sees (the meta model and
+the evaluation judge share one loaded copy). Downloads: `make models-1.5b` (1.1 GB) and the 0.5B
 parts that `make test-slow` installs (491 MB).
+
+The 0.5B model as meta model was tried first and dropped: its first rubric (update 5) was one
+criterion whose score levels alternate "Write a well-developed story." and "... essay."
+(docs/results/reward_hacking.md).
 
 Optimisation pressure is high on purpose (learning rate 1e-4 on the adapters, KL coefficient
 0.01, responses up to 160 tokens) so that a fixed rubric's loopholes show within ~40 updates.
@@ -45,7 +50,7 @@ ARMS = {  # arm -> (initial rubric, meta steps on)
     "mpo_iter0": ("iter0", True),
 }
 JUDGE = "qwen2.5-coder-0.5b-instruct"
-META = "qwen2.5-coder-0.5b-instruct"
+META = "qwen2.5-coder-1.5b-instruct"
 EVAL_JUDGE = "qwen2.5-coder-1.5b-instruct"
 
 
@@ -70,7 +75,7 @@ def get_config(arm: str = "mpo_iter0"):
 
     config.meta.enabled = meta
     config.meta.model.name = META
-    config.meta.interval = 5
+    config.meta.interval = 10
     config.meta.num_samples = 8
     config.meta.analysis_tokens = 256
     config.meta.analysis_words = 150

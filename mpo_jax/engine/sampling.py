@@ -161,12 +161,20 @@ def _stop_sequence_hit(recent: jax.Array, stop_seqs: jax.Array) -> jax.Array:
     return jnp.any(jnp.all(match, axis=-1) & active[None], axis=-1)
 
 
-def build_decode_loop(graphdef: nnx.GraphDef, pad_id: int, max_steps: int, top_k: int, use_top_p: bool):
-    """The decode loop for one static configuration (generation bucket, filters)."""
+def build_decode_loop(graphdef: nnx.GraphDef, pad_id: int, max_steps: int, top_k: int, use_top_p: bool,
+                      unroll_layers: bool = True):
+    """The decode loop for one static configuration (generation bucket, filters).
+
+    `unroll_layers` splits the weights per layer once, before the loop, and runs the layers
+    unrolled (`Transformer.decode_weights`): each step then reads the weights in place instead
+    of copying every layer's slice out of the stacked arrays. It costs compile time (the
+    step's HLO grows with depth), not memory (the views are made once per call).
+    """
 
     def decode(params, cache, logits, rng, temperature, top_p, max_new, active, stop_ids,
                stop_seqs, allowed, next_state):
         model = nnx.merge(graphdef, params)
+        weights = model.decode_weights() if unroll_layers else None
         batch = logits.shape[0]
         m = stop_seqs.shape[1]
 
@@ -197,8 +205,8 @@ def build_decode_loop(graphdef: nnx.GraphDef, pad_id: int, max_steps: int, top_k
             finished = finished | (~done & hit)
             state = next_state[state, token]
             # Feed the token (pads of stopped rows are invalid slots) so the cache stays complete.
-            hidden, cache = model.hidden_states(token[:, None], (~done)[:, None], cache)
-            logits = model.logits_from_hidden(hidden[:, 0])
+            hidden, cache = model.hidden_states(token[:, None], (~done)[:, None], cache, weights=weights)
+            logits = model.logits_from_hidden(hidden[:, 0], weights=weights)
             return step + 1, cache, logits, done | hit, state, tokens, logps, mask, recent, finished
 
         init = (jnp.zeros((), jnp.int32), cache, logits, ~active, jnp.zeros((batch,), jnp.int32),
@@ -227,8 +235,9 @@ class Sampler:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, tokenizer: Any, *,
                  mesh: Mesh | None = None, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  generation_buckets: Sequence[int] = GENERATION_BUCKETS,
-                 batch_buckets: Sequence[int] = BATCH_BUCKETS):
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS, unroll_layers: bool = True):
         self.graphdef, self.params, self.config, self.tokenizer = graphdef, params, config, tokenizer
+        self.unroll_layers = unroll_layers
         self.mesh = mesh
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.generation_buckets = tuple(sorted(generation_buckets))
@@ -258,7 +267,8 @@ class Sampler:
     def _decode_fn(self, max_steps: int, top_k: int, use_top_p: bool):
         key = ("decode", max_steps, top_k, use_top_p)
         if key not in self._compiled:
-            fn = build_decode_loop(self.graphdef, self.tokenizer.pad_id, max_steps, top_k, use_top_p)
+            fn = build_decode_loop(self.graphdef, self.tokenizer.pad_id, max_steps, top_k, use_top_p,
+                                   self.unroll_layers)
             self._compiled[key] = jax.jit(fn, donate_argnums=(1,))
         return self._compiled[key]
 

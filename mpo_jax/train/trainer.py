@@ -30,6 +30,7 @@ import numpy as np
 
 from mpo_jax.data import PromptIterator, prepare_task_source
 from mpo_jax.engine import sharding as sharding_lib
+from mpo_jax.engine.language_model import LanguageModel
 from mpo_jax.fileio import atomic_write_text
 from mpo_jax.reward.judge import Judge
 from mpo_jax.reward.meta import KEPT_REASONS, MetaSample, group_meta_step, save_meta_evaluation
@@ -49,7 +50,7 @@ from mpo_jax.tasks import get_task, load_records
 from mpo_jax.tasks.base import fenced_task
 from mpo_jax.train import distributed
 from mpo_jax.train.checkpoint import PreemptionGuard
-from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS, ConfigError, TrainConfig
+from mpo_jax.train.config import RUBRIC_HEADROOM_TOKENS, ConfigError, ModelSpec, TrainConfig
 from mpo_jax.train.evaluator import TrainingEvaluator, held_out_records
 from mpo_jax.train.evaluator import append_rows as append_eval_rows
 from mpo_jax.train.metrics import MetricsWriter
@@ -152,12 +153,13 @@ class Trainer:
         self.rollouts_per_update = config.rollouts_per_update
 
         self.policy, _, self.state = build_policy_and_state(config, self.mesh)
+        self._frozen_models: list[tuple[ModelSpec, LanguageModel]] = []
         self.judge_model = (build_remote(config.judge.remote) if config.judge.remote.base_url
-                            else build_model(config.judge.model, self.mesh))
+                            else self._frozen_model(config.judge.model))
         if config.meta.remote.base_url:
             meta_model = build_remote(config.meta.remote)
-        elif config.meta.model.name and config.meta.model != config.judge.model:
-            meta_model = build_model(config.meta.model, self.mesh)
+        elif config.meta.model.name:
+            meta_model = self._frozen_model(config.meta.model)
         else:
             meta_model = self.judge_model
 
@@ -199,6 +201,19 @@ class Trainer:
         self.checkpointer = open_checkpointer(config, self.run_dir)
         self.update = 0  # updates completed
 
+    def _frozen_model(self, spec: ModelSpec) -> LanguageModel:
+        """One loaded copy per distinct spec among the judge, meta model and evaluation judge.
+
+        They only read their weights, so sharing is safe, and a 1.5B model in float32 (6 GB)
+        loaded twice would not fit a small machine beside the rest of the run.
+        """
+        for loaded_spec, model in self._frozen_models:
+            if loaded_spec == spec:
+                return model
+        model = build_model(spec, self.mesh)
+        self._frozen_models.append((spec, model))
+        return model
+
     def _build_evaluator(self) -> TrainingEvaluator:
         """The held-out prompts, the training judge and an independent judge (see EvalSpec)."""
         cfg, spec = self.config, self.config.eval
@@ -206,7 +221,7 @@ class Trainer:
                    if len(self.encode_record(r)) <= cfg.data.max_prompt_tokens]
         independent = None
         if spec.independent_judge:
-            model = build_model(spec.judge, self.mesh) if spec.judge.name else self.judge_model
+            model = self._frozen_model(spec.judge) if spec.judge.name else self.judge_model
             rubric = load_rubric(self.task.name, eval_rubric_name(cfg))
             tokens = len((getattr(model, "tokenizer", None) or self._judge_tokenizer).encode(rubric.render(),
                                                                                               add_bos=False))
