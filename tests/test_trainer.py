@@ -448,3 +448,7 @@ def test_the_meta_model_and_the_evaluation_judge_share_one_copy_when_their_specs
     trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={tmp_path / 'b'}", *other,
                                          "--config.eval.judge.seed=6"]))
     assert trainer.mrm.model is not trainer.evaluator.independent_judge.model  # other weights, own copy
+    trainer = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={tmp_path / 'c'}", *other,
+                                         "--config.eval.judge.seed=6", "--config.meta.enabled=false"]))
+    assert trainer.mrm.model is trainer.judge_model  # a fixed-rubric run does not load the meta model
+    assert len(trainer._frozen_models) == 2  # the judge and the evaluation judge

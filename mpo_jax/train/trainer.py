@@ -156,7 +156,9 @@ class Trainer:
         self._frozen_models: list[tuple[ModelSpec, LanguageModel]] = []
         self.judge_model = (build_remote(config.judge.remote) if config.judge.remote.base_url
                             else self._frozen_model(config.judge.model))
-        if config.meta.remote.base_url:
+        if not config.meta.enabled:  # fixed rubric: the meta model is never asked, so never loaded
+            meta_model = self.judge_model
+        elif config.meta.remote.base_url:
             meta_model = build_remote(config.meta.remote)
         elif config.meta.model.name:
             meta_model = self._frozen_model(config.meta.model)
