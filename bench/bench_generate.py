@@ -66,7 +66,7 @@ from _common import cpu_seconds, machine_info, markdown_table, others_share  # n
 from mpo_jax.engine import constraints as constraints_lib  # noqa: E402
 from mpo_jax.engine import presets  # noqa: E402
 from mpo_jax.engine.language_model import LanguageModel, load_model  # noqa: E402
-from mpo_jax.engine.sampling import SamplingParams, bucket  # noqa: E402
+from mpo_jax.engine.sampling import SamplingParams, bucket, cache_capacity  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -200,7 +200,7 @@ def bench_ours(model: LanguageModel, prompts: list[list[int]], new_tokens: int, 
     prefill = sampler._prefill_fn()
 
     def fresh_cache():
-        return jax.block_until_ready(sampler._new_cache(batch, prompt_len + gen_len))
+        return jax.block_until_ready(sampler._new_cache(batch, cache_capacity(prompt_len, gen_len)))
 
     def run_prefill(cache):
         logits, cache = prefill(sampler.params, tokens_d, valid_d, cache)

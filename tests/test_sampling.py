@@ -205,3 +205,16 @@ def test_unrolled_decode_matches_full_forward_passes_and_the_layer_scan(arch, tm
     a, b = unrolled.sampler.generate(prompts, sampled), scanned.sampler.generate(prompts, sampled)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_prefill_pads_to_the_fine_prompt_bucket_and_the_cache_to_a_power_of_two(model):
+    """A 40-token prompt prefills 48 slots per row but shares the 64-slot cache shape of its decode loop."""
+    fine = LanguageModel(model.config, model.tokenizer, model.graphdef, model.params,
+                         generation_buckets=(8,), batch_buckets=(2,))
+    prompts = [list(range(60, 100)), [5, 6, 7]]
+    out = fine.sampler.generate(prompts, SamplingParams(max_new_tokens=5, stop_token_ids=()))
+    assert out.prefill_tokens == 2 * 48
+    assert out.state.cache.capacity == 64 + 8
+    for row, prompt in enumerate(prompts):
+        expected, _ = greedy_oracle(model, prompt, 5, model.tokenizer.eos_ids)
+        assert out.tokens[row, :len(expected)].tolist() == expected

@@ -25,7 +25,9 @@ from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.config import ModelConfig
 from mpo_jax.models.kv_cache import KVCache
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Prompt (and continuation-chunk) lengths step by ~1.5x, so a prefill pads at most a third of its
+# slots; cache capacities stay on powers of two (`cache_capacity`), so decode loops compile as rarely.
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 GENERATION_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STOP_SEQUENCE_BUCKETS = (1, 4, 16)
@@ -41,6 +43,15 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
             return b
     raise InvalidValueError(f"{what} is {n}, larger than the largest bucket {buckets[-1]}; "
                             f"shorten the input or pass larger buckets to the Sampler")
+
+
+def cache_capacity(prompt_len: int, gen_len: int) -> int:
+    """KV-cache slots for a new generation: the prompt bucket rounded up to a power of two, plus gen_len.
+
+    The decode loop compiles once per cache shape, while a prefill compiles quickly: a 384-token
+    prompt prefills 384 slots but shares the 512 + gen_len cache, and its decode loop, with 512.
+    """
+    return (1 << (prompt_len - 1).bit_length()) + gen_len
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, batch: int | None = None,
@@ -308,7 +319,7 @@ class Sampler:
             raise InvalidValueError("every prompt is empty; give at least one token per prompt")
         prompt_len = bucket(longest, self.prompt_buckets, "prompt length (tokens)")
         gen_len = bucket(params.max_new_tokens, self.generation_buckets, "max_new_tokens")
-        cache = self._new_cache(batch, prompt_len + gen_len)
+        cache = self._new_cache(batch, cache_capacity(prompt_len, gen_len))
         state = GenerationState(cache=cache, cursor=0, num_rows=rows)
         return self._run(state, prompt_ids, prompt_len, gen_len, params, constraint)
 
