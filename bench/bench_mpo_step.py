@@ -22,7 +22,8 @@ Method
   `--rubric oracle` (three 0-5 items) as the judge's rubric, `--meta-samples` 16 and
   `--meta-interval` 10; `--judge-model` replaces the judge and meta model; `--set KEY=VALUE` any
   other config key. So: policy SmolLM2-135M-Instruct with LoRA r=16 (alpha 32, q/k/v/o) and a value
-  head on its trunk; judge and meta-reward model Qwen2.5-Coder-0.5B-Instruct (the same weights); the
+  head on its trunk; judge and meta-reward model Qwen2.5-Coder-0.5B-Instruct (the same weights; the
+  experiment's own meta model is the 1.5B, which would double the meta step and the memory); the
   fenced judge framing; PPO 2 epochs x 2 mini-batches, float32 everywhere. The models are built,
   and every mpo-jax phase runs, through the trainer's own code (`build_policy_and_state`,
   `sample_rollouts`, `Judge`, `compile_rollout_stats` / `compile_update`, `MetaRewardModel`).
@@ -192,7 +193,13 @@ def bench_config(args: argparse.Namespace):
                  f"meta.interval={args.meta_interval}", "eval.every=0"]
     if args.judge_model:
         overrides += [f"judge.model.name={args.judge_model}", f"meta.model.name={args.judge_model}"]
-    return load_config(args.config, overrides + list(args.set))
+    cfg = load_config(args.config, overrides + list(args.set))
+    if cfg.meta.model.name != cfg.judge.model.name:
+        # One loaded model serves as judge and meta model here (the experiment's meta model is larger).
+        cfg = load_config(args.config, overrides + [f"meta.model.name={cfg.judge.model.name}"] + list(args.set))
+    if cfg.meta.model != cfg.judge.model:
+        raise SystemExit("bench_mpo_step runs the meta step on the judge's model: leave meta.model as judge.model")
+    return cfg
 
 
 def buffer_batches(cfg) -> int:
