@@ -33,7 +33,7 @@ Method
   2. judging the batch's responses against the 3-item rubric, in two mpo-jax rows: the paper's
      protocol (`Judge` mode "generate": per item a rationale of up to `judge.rationale_tokens` = 128
      tokens ending at `<EOE>`, then an integer constrained to digits, one conversation per response,
-     the rubric prefix read from its KV cache, padded to the trainer's `judge_rubric_tokens`) and
+     the rubric prefix read from its KV cache: its own tokens rounded up to 256 slots) and
      mpo-jax's fast protocol (mode "logits": the expected score per item from the next-token
      distribution, the rubric prefix reused);
   3. the PPO update: old/reference log-probs and values of the batch (`rollout_stats`), then
@@ -859,7 +859,8 @@ def report(args, info, jx: dict, th: dict | None, load_before, others: dict, wal
             f"judge and meta model {st['judge']}{' (fenced judge framing)' if st['fence'] else ''}; float32; "
             f"batch {st['batch']} essay prompts (<= {st['prompt_tokens']} tokens), up to {st['new_tokens']} new tokens "
             f"at temperature {st['temperature']:g}; rubric '{st['rubric']}' ({st['rubric_items']} items, "
-            f"{jx['rubric_tokens']} tokens of judge prefix, padded to {jx['max_rubric_tokens']} in mpo-jax); "
+            f"{jx['rubric_tokens']} tokens of judge prefix, padded to {jx['max_rubric_tokens']} in mpo-jax's logits "
+            f"mode, to a multiple of 256 in its generate mode); "
             f"rationales <= {st['rationale_tokens']} tokens; PPO {st['epochs']} epochs x {st['mini_batches']} "
             f"mini-batches x {st['accum']} micro-batches; meta step on {st['meta_samples']} samples (analyses <= "
             f"{st['analysis_tokens']} tokens, <= {st['max_items']} criteria of <= {st['item_tokens']} tokens, merge "

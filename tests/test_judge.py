@@ -351,3 +351,23 @@ def test_a_generate_mode_judge_scores_twice_under_one_rubric(model):
     second = judge.score_detailed(["what is the capital"], ["paris"])[0]
     assert (first.item_scores, first.rationales) == (second.item_scores, second.rationales)  # greedy, same prefix
     assert judge.prefix_prefills == 1
+
+
+def test_generate_mode_conversations_start_after_the_rubric_tokens_only(model):
+    """A 1024-token prefix budget: the conversations start from a 256-slot prefix and read the same
+    rationales and scores as conversations prefilled from scratch (no prefix cache at all)."""
+    model = LanguageModel(model.config, model.tokenizer, model.graphdef, model.params,
+                          generation_buckets=(8, 16), batch_buckets=(2,))  # default prompt buckets: up to 8192
+    judge = Judge(model, task=TASK, mode="generate", max_rubric_tokens=1024, max_items=4, item_turn_tokens=128,
+                  rationale_tokens=6)
+    judge.set_rubric(RUBRIC_A)
+    prompts, responses = ["what is the capital", "yes"], ["paris", "no"]
+    session = judge._generate_session(list(zip([{"prompt": p} for p in prompts], responses, strict=True)))
+    assert session.conversation.state.cursor == 256 == session.conversation.state.cache.capacity
+    compact = judge.score_detailed(prompts, responses)
+    scratch = Judge(model, task=TASK, mode="generate", max_rubric_tokens=1024, max_items=4, item_turn_tokens=128,
+                    rationale_tokens=6)
+    scratch.set_rubric(RUBRIC_A)
+    scratch.local = False  # conversations opened on the model itself: the whole text prefilled on the first turn
+    from_scratch = scratch.score_detailed(prompts, responses)
+    assert [(r.item_scores, r.rationales) for r in compact] == [(r.item_scores, r.rationales) for r in from_scratch]

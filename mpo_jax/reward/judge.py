@@ -35,7 +35,7 @@ import numpy as np
 from mpo_jax.engine import chat_session
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.engine.language_model import Conversation, LanguageModel
-from mpo_jax.engine.sampling import GenerationState, bucket, left_pad
+from mpo_jax.engine.sampling import CACHE_GROWTH, GenerationState, bucket, left_pad
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.kv_cache import KVCache
 from mpo_jax.reward import judge_engine
@@ -214,13 +214,20 @@ class Judge:
                           generation_tokens=self.plan_tokens, temperature=self.temperature)
 
     def _prefix(self, capacity: int, batch: int = 1) -> KVCache:
-        """The rubric prefix in a KV cache with `capacity` slots (prefilled once per rubric)."""
+        """The rubric prefix in a KV cache of `capacity` slots, all filled (prefilled once per rubric).
+
+        The prefix is left-padded to `max_rubric_tokens`; a smaller capacity keeps its last
+        `capacity` columns, which must hold every real token.
+        """
         if self.rubric is None:
             raise ValueError("no rubric installed: call judge.set_rubric(rubric) first")
         if self.reuse_prefix and self._prefix_cache is not None and self._prefix_cache.capacity == capacity:
             return self._prefix_cache
-        tokens = np.repeat(self._prefix_tokens, batch, axis=0)
-        valid = np.repeat(self._prefix_valid, batch, axis=0)
+        real = int(self._prefix_valid.sum())
+        if capacity < real:
+            raise ValueError(f"a {capacity}-slot prefix cannot hold the rubric's {real} tokens")
+        tokens = np.repeat(self._prefix_tokens[:, -capacity:], batch, axis=0)
+        valid = np.repeat(self._prefix_valid[:, -capacity:], batch, axis=0)
         cache = KVCache.create(self.model.config, batch, capacity)
         cache = self._prefill_prefix(self.model.params, jnp.asarray(tokens), jnp.asarray(valid), cache)
         self.prefix_prefills += 1
@@ -360,9 +367,13 @@ class Judge:
         if not self.local:
             return chat_session.open_session(self.model, histories)
         batch = self.model.sampler.padded_batch(len(rows))
-        cache = judge_engine.tile_cache(self._prefix(self.max_rubric_tokens), batch)
+        # Only the rubric's own tokens (rounded up to the cache's growth step) start each conversation:
+        # every later token attends over the whole cache, so the padding up to max_rubric_tokens,
+        # which logits mode keeps for a fixed compiled shape, would only cost time here.
+        width = min(self.max_rubric_tokens, -(-int(self._prefix_valid.sum()) // CACHE_GROWTH) * CACHE_GROWTH)
+        cache = judge_engine.tile_cache(self._prefix(width), batch)
         prefix = Conversation(messages=histories, context=[self._prefix_text(self.rubric)] * len(rows),
-                              state=GenerationState(cache=cache, cursor=self.max_rubric_tokens, num_rows=len(rows)),
+                              state=GenerationState(cache=cache, cursor=width, num_rows=len(rows)),
                               replies=[])
         return chat_session.LocalChatSession(self.model, histories, conversation=prefix)
 
