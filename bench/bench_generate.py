@@ -4,6 +4,7 @@ transformers' PyTorch `generate` on the same prompts, on the same machine, in th
     python bench/bench_generate.py                       # batches 1, 8, 32; ~128-token prompts; 64 new tokens
     python bench/bench_generate.py --batches 1,8 --no-torch
     python bench/bench_generate.py --markdown-out docs/bench.md
+    python bench/bench_generate.py --batches 8 --layer-scan   # + the decode loop with its layers under a scan
 
 Method
 ------
@@ -31,6 +32,10 @@ Method
   float32 array, best of 5 runs each time; on the 2-core VM it varied between runs, 34-51 GB/s).
   "% of the floor's speed" at batch B is floor step time / measured step time (100% = bandwidth
   bound; the KV cache reads, which grow with batch and length, are not counted in the floor).
+* `--layer-scan` adds a row for the same sampler with `unroll_layers=False`: the decode step runs
+  the layers under a `lax.scan` over the stacked weights (which XLA:CPU copies out layer by layer)
+  instead of on per-layer views made once per call (`Transformer.decode_weights`); "same tokens"
+  compares it with the default loop.
 * Multi-turn continuation: `--chat-batch` chats get a first reply (`chat`, `--new-tokens`
   tokens), then one more user message each. `chat_continue` prefills only the new turn (the
   conversation is in the KV cache); the alternative re-renders and re-prefills the whole
@@ -184,7 +189,8 @@ class Row:
 
 
 # -- our sampler ---------------------------------------------------------------------------------
-def bench_ours(model: LanguageModel, prompts: list[list[int]], new_tokens: int, repeats: int) -> Row:
+def bench_ours(model: LanguageModel, prompts: list[list[int]], new_tokens: int, repeats: int,
+               engine: str = "mpo-jax (JAX)") -> Row:
     sampler = model.sampler
     params = SamplingParams(max_new_tokens=new_tokens)
     constraint = no_eos_constraint(model)
@@ -212,7 +218,7 @@ def bench_ours(model: LanguageModel, prompts: list[list[int]], new_tokens: int, 
     total_s, _ = median_time(lambda: sampler.generate(prompts, params, constraint), repeats)
     forced = out.decode_steps == new_tokens and out.mask[:, :new_tokens].all()
     assert forced, "the no-EOS constraint should force every token"
-    return Row("mpo-jax (JAX)", len(prompts), sum(map(len, prompts)), prefill_s, out.decode_steps, total_s,
+    return Row(engine, len(prompts), sum(map(len, prompts)), prefill_s, out.decode_steps, total_s,
                out.tokens[:, :new_tokens])
 
 
@@ -316,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chat-batch", type=int, default=8, help="conversations in the continuation bench")
     parser.add_argument("--no-torch", action="store_true", help="skip transformers even if torch is installed")
     parser.add_argument("--no-chat", action="store_true", help="skip the multi-turn continuation bench")
+    parser.add_argument("--layer-scan", action="store_true",
+                        help="also time mpo-jax's decode with the layers under a scan (the pre-unrolled loop)")
     parser.add_argument("--markdown-out", type=Path, help="also write the Markdown report to this file")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -324,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     cpu_before = cpu_seconds()
     model = load_model(MODEL)
+    scanned = (LanguageModel(model.config, model.tokenizer, model.graphdef, model.params, unroll_layers=False)
+               if args.layer_scan else None)
     weight_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(model.params))
     hf_model = None
     if not args.no_torch:
@@ -342,9 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(bench_ours(model, prompts, args.new_tokens, args.repeats))
         print(f"  ours  batch {b}: prefill {rows[-1].prefill_tps:.0f} tok/s, decode {rows[-1].decode_tps:.1f} tok/s",
               file=sys.stderr, flush=True)
+        if scanned is not None:
+            rows.append(bench_ours(scanned, prompts, args.new_tokens, args.repeats, "mpo-jax, layer scan"))
+            same = int(sum(np.array_equal(x, y) for x, y in zip(rows[-2].tokens, rows[-1].tokens)))
+            rows[-1].same_tokens = f"{same}/{b}"
+            print(f"  scan  batch {b}: decode {rows[-1].decode_tps:.1f} tok/s", file=sys.stderr, flush=True)
         if hf_model is not None:
             rows.append(bench_torch(hf_model, model, prompts, args.new_tokens, args.repeats))
-            same = int(sum(np.array_equal(x, y) for x, y in zip(rows[-2].tokens, rows[-1].tokens)))
+            ours = next(r for r in reversed(rows) if r.engine == "mpo-jax (JAX)")
+            same = int(sum(np.array_equal(x, y) for x, y in zip(ours.tokens, rows[-1].tokens)))
             rows[-1].same_tokens = f"{same}/{b}"
             print(f"  torch batch {b}: prefill {rows[-1].prefill_tps:.0f} tok/s, decode {rows[-1].decode_tps:.1f} "
                   f"tok/s", file=sys.stderr, flush=True)
