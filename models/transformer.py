@@ -135,13 +135,14 @@ def tied_logits_over_blocks(hidden: jax.Array, blocks: Sequence[jax.Array]) -> j
 
 @struct.dataclass
 class DecodeWeights:
-    """The weights a decode step reads, split per layer (and per vocabulary block) once per call.
+    """The weights a decode step reads, copied out per layer (and per vocabulary block) once per call.
 
     XLA:CPU's dot kernels do not read a slice of the stacked layer weights in place: each
     layer of a scan first copies its weights out, and the chunked LM head copies its blocks.
     Prefill and training amortise that copy over many tokens, but a decode step reads every
     weight once, so the copy about doubles its memory traffic. The decode loop makes these
-    views before its `while_loop` (the loop only reads them) and runs the layers unrolled.
+    copies once, before its `while_loop` (the loop only reads them), and runs the layers
+    unrolled; the price is a second copy of the layer weights while the loop runs.
     """
 
     layers: tuple[dict[str, jax.Array], ...]  # per layer: name -> weight (matrices in compute dtype)

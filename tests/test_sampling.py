@@ -218,3 +218,17 @@ def test_prefill_pads_to_the_fine_prompt_bucket_and_the_cache_to_a_power_of_two(
     for row, prompt in enumerate(prompts):
         expected, _ = greedy_oracle(model, prompt, 5, model.tokenizer.eos_ids)
         assert out.tokens[row, :len(expected)].tolist() == expected
+
+
+def test_auto_unrolls_the_decode_layers_only_below_the_weight_budget(model, monkeypatch):
+    from mpo_jax.engine import sampling
+    from mpo_jax.models.config import canonical_param_shapes
+
+    layer_bytes = sum(4 * int(np.prod(shape)) for name, shape in canonical_param_shapes(model.config).items()
+                      if name.startswith("layers."))
+    assert sampling.layer_weight_bytes(model.params) == layer_bytes
+    assert LanguageModel(model.config, model.tokenizer, model.graphdef, model.params).sampler.unroll_layers
+    monkeypatch.setattr(sampling, "UNROLL_MAX_LAYER_BYTES", layer_bytes - 1)
+    assert not LanguageModel(model.config, model.tokenizer, model.graphdef, model.params).sampler.unroll_layers
+    with pytest.raises(ValueError, match="unroll_layers must be"):
+        LanguageModel(model.config, model.tokenizer, model.graphdef, model.params, unroll_layers="yes")

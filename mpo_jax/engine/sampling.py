@@ -34,6 +34,10 @@ STOP_SEQUENCE_BUCKETS = (1, 4, 16)
 STOP_LENGTH_BUCKETS = (1, 4, 8, 16, 32)
 STOP_ID_BUCKETS = (4, 16, 64, 256, 1024, 4096)
 CACHE_GROWTH = 256  # a continued conversation's KV cache grows by multiples of this many slots
+# `Sampler(unroll_layers="auto")` unrolls the decode loop's layers up to this many bytes of layer
+# weights: the per-call copy it needs is cheap next to a 135M or 0.5B model, not next to a 1.5B
+# float32 model (5.5 GB) on a small machine.
+UNROLL_MAX_LAYER_BYTES = 2 * 1024**3
 _NEG = -1e30
 
 
@@ -176,10 +180,10 @@ def build_decode_loop(graphdef: nnx.GraphDef, pad_id: int, max_steps: int, top_k
                       unroll_layers: bool = True):
     """The decode loop for one static configuration (generation bucket, filters).
 
-    `unroll_layers` splits the weights per layer once, before the loop, and runs the layers
+    `unroll_layers` copies the weights out per layer once, before the loop, and runs the layers
     unrolled (`Transformer.decode_weights`): each step then reads the weights in place instead
-    of copying every layer's slice out of the stacked arrays. It costs compile time (the
-    step's HLO grows with depth), not memory (the views are made once per call).
+    of copying every layer's slice out of the stacked arrays. It costs compile time (the step's
+    HLO grows with depth) and, while the loop runs, a second copy of the layer weights.
     """
 
     def decode(params, cache, logits, rng, temperature, top_p, max_new, active, stop_ids,
@@ -240,14 +244,24 @@ def build_prefill(graphdef: nnx.GraphDef):
     return prefill
 
 
+def layer_weight_bytes(params: nnx.State) -> int:
+    """Bytes of the stacked decoder-layer weights (what an unrolled decode loop copies per call)."""
+    layers = params["layers"] if "layers" in params else {}
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layers))
+
+
 class Sampler:
     """Generation for one model (graph definition + parameters) and one tokenizer."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, config: ModelConfig, tokenizer: Any, *,
                  mesh: Mesh | None = None, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
                  generation_buckets: Sequence[int] = GENERATION_BUCKETS,
-                 batch_buckets: Sequence[int] = BATCH_BUCKETS, unroll_layers: bool = True):
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS, unroll_layers: bool | str = "auto"):
         self.graphdef, self.params, self.config, self.tokenizer = graphdef, params, config, tokenizer
+        if unroll_layers == "auto":
+            unroll_layers = layer_weight_bytes(params) <= UNROLL_MAX_LAYER_BYTES
+        elif not isinstance(unroll_layers, bool):
+            raise InvalidValueError(f"unroll_layers must be True, False or 'auto', got {unroll_layers!r}")
         self.unroll_layers = unroll_layers
         self.mesh = mesh
         self.prompt_buckets = tuple(sorted(prompt_buckets))
