@@ -167,6 +167,8 @@ def test_the_table_numbers_match_the_lines_written(arms):
     assert m["training_score_last_mean"] == pytest.approx(np.mean([2.9, 2.6, 2.8]))
     assert m["training_score_last_mean"] == pytest.approx(_score_mean(mpo_lines, 3))
     assert m["rubric_versions"] == 2 and m["rubric_changes_at"] == [4]
+    # iteration 0 has one 0-5 item, iteration 1 (from update 5) two: scores over 5, then over 10
+    assert m["score_fraction_last_mean"] == pytest.approx(np.mean([2.9 / 5, 2.6 / 10, 2.8 / 10]))
     assert any("skipped 1 unreadable line" in problem for problem in m["problems"])  # the torn last line
 
     p = record["arms"]["ppo"]
@@ -175,6 +177,7 @@ def test_the_table_numbers_match_the_lines_written(arms):
     assert p["last_eval"] == _expected_eval(ppo_lines[-1]) and p["last_eval"]["hacks"] == {}
     assert p["training_score_last_mean"] == pytest.approx(_score_mean(ppo_lines, 3))  # NaN at update 1 ignored
     assert p["rubric_versions"] == 1 and p["rubric_changes_at"] == []
+    assert p["score_fraction_last_mean"] == pytest.approx(np.mean([2.2, 2.5, 2.7]) / 5)
 
     markdown = (arms["out"] / COMPARE_MD).read_text()
     rows = {(row[0], row[1]): row for row in _table_rows(markdown, "mpo") + _table_rows(markdown, "ppo")
@@ -238,3 +241,13 @@ def test_cli_names_arms_and_refuses_a_folder_that_is_not_a_run_dir(arms, tmp_pat
     assert "NAME=RUN_DIR" in capsys.readouterr().err
     assert eval_main(["compare", str(mpo), "--out", str(tmp_path / "o5"), "--smooth", "0"]) == 2
     assert "--smooth" in capsys.readouterr().err
+
+
+def test_score_fraction_places_a_score_in_the_rubric_range():
+    from mpo_jax.evaluation.compare import score_fraction
+
+    rubric = Rubric(("### Focus (1-4)\nIs it focused?", "### Evidence (0-10)\nIs it supported?"))
+    assert score_fraction(8.0, rubric, "sum") == pytest.approx((8.0 - 1) / (14 - 1))
+    assert score_fraction(1.0, rubric, "sum") == 0.0 and score_fraction(14.0, rubric, "sum") == 1.0
+    assert score_fraction(0.25, rubric, "mean_normalized") == 0.25  # already a fraction
+    assert score_fraction(3.0, Rubric(("Is it focused?",)), "sum") is None  # no scale to place it in

@@ -3,7 +3,8 @@
     mpo-jax eval compare ppo_iter0=runs/x/ppo_iter0 mpo_iter0=runs/x/mpo_iter0 --out compare/ [--smooth 5]
 
 The per-run report (`train/report.py`) shows one run; whether MPO beats PPO only shows on shared
-axes. This writes into OUT: `training_score.png`, `independent_score.png`, `hacks.png` (every arm
+axes. This writes into OUT: `training_score.png` (raw, and as a fraction of the range the rubric in
+force allows, comparable across rewritten rubrics), `independent_score.png`, `hacks.png` (every arm
 on one axis, each arm's accepted rubric changes as vertical lines in its colour), `compare.md`,
 `compare.json` (the table's numbers) and `rubrics/<arm>/rubric_iter_N.txt` (copies of each arm's
 rubric versions).
@@ -35,6 +36,7 @@ import numpy as np
 
 from mpo_jax.errors import InvalidValueError, MissingDependencyError
 from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient
+from mpo_jax.rubric import Rubric, ScaleError, item_scale
 from mpo_jax.train.metrics import decode_value, encode_value, markdown_fence
 from mpo_jax.train.report import markdown_text
 from mpo_jax.train.report_data import MetaMarkers, ReportError, RunData, is_number, load_run, meta_markers
@@ -89,6 +91,49 @@ def merged_metrics(path: Path, problems: list[str]) -> tuple[dict[str, Any], ...
     return tuple(by_update[update] for update in sorted(by_update))
 
 
+SCORE_FRACTION = "score/fraction_of_range"  # derived here: comparable across rubrics with other scales
+
+
+def score_fraction(score: float, rubric: Rubric, aggregate: str) -> float | None:
+    """Where `score` lies in the range the rubric's item scales allow, 0 at the bottom and 1 at the top.
+
+    A "sum" score runs from the sum of the items' lowest to the sum of their highest scores, so a
+    rubric the meta step rewrote (say from one 0-5 item to five 0-10 items) moves the raw score to
+    another scale; this fraction does not. A "mean_normalized" score is already that fraction.
+    None when an item has no readable scale. Task rules (a fixed score for an empty response) may
+    fall outside [0, 1]; they are not clipped.
+    """
+    if aggregate != "sum":
+        return score
+    try:
+        scales = [item_scale(item) for item in rubric.items]
+    except ScaleError:
+        return None
+    low, high = sum(lo for lo, _ in scales), sum(hi for _, hi in scales)
+    return (score - low) / (high - low) if high > low else None
+
+
+def _add_score_fractions(run: RunData, problems: list[str]) -> RunData:
+    """The run's metrics with `SCORE_FRACTION` added where the score and the rubric in force are known."""
+    aggregate = ((run.config or {}).get("judge") or {}).get("aggregate", "sum")
+    by_iteration = {rubric.iteration: rubric for rubric in run.versions}
+    missing: set[int] = set()
+    records = []
+    for record in run.metrics:
+        iteration = record.get("rubric/iteration")
+        if is_number(record.get("score/mean")) and is_number(iteration):
+            rubric = by_iteration.get(int(iteration))
+            fraction = None if rubric is None else score_fraction(float(record["score/mean"]), rubric, aggregate)
+            if rubric is None:
+                missing.add(int(iteration))
+            if fraction is not None:
+                record = {**record, SCORE_FRACTION: fraction}
+        records.append(record)
+    if missing:
+        problems.append(f"no rubric file for iteration(s) {sorted(missing)}: their scores have no fraction of range")
+    return dataclasses.replace(run, metrics=tuple(records))
+
+
 def load_arm(name: str, run_dir: str | os.PathLike[str], example_index: int = 0) -> Arm:
     """Read one arm; `ReportError` names the folder when it is not a run dir."""
     if not _ARM_NAME.match(name):
@@ -97,6 +142,7 @@ def load_arm(name: str, run_dir: str | os.PathLike[str], example_index: int = 0)
     run = load_run(run_dir)
     problems = [problem for problem in run.problems if not problem.startswith(METRICS_FILE)]
     run = dataclasses.replace(run, metrics=merged_metrics(run.run_dir / METRICS_FILE, problems))
+    run = _add_score_fractions(run, problems)
     samples: dict[int, dict[str, Any]] = {}
     for row in _jsonl_objects(run.run_dir / EVAL_SAMPLES_FILE, problems):
         if row.get("index") == example_index:
@@ -146,8 +192,11 @@ def summarize_arm(arm: Arm, smooth: int) -> dict[str, Any]:
     evals = [r for r in metrics if any(k.startswith("eval/") and is_number(v) for k, v in r.items())]
     scores = _series(arm, "score/mean")[1][-smooth:]
     scores = scores[np.isfinite(scores)]
+    fractions = _series(arm, SCORE_FRACTION)[1][-smooth:]
+    fractions = fractions[np.isfinite(fractions)]
     return {"run_dir": str(arm.run.run_dir), "updates_done": max(trained, default=0),
             "training_score_last_mean": float(scores.mean()) if scores.size else None,
+            "score_fraction_last_mean": float(fractions.mean()) if fractions.size else None,
             "evaluations": len(evals), "first_eval": _eval_summary(evals[0] if evals else None),
             "last_eval": _eval_summary(evals[-1] if evals else None),
             "rubric_versions": len(arm.run.versions), "rubric_changes_at": list(arm.markers.accepted),
@@ -216,7 +265,9 @@ def _write_plots(arms: Sequence[Arm], out: Path, smooth: int) -> None:
     except ImportError as err:
         raise MissingDependencyError(f"the comparison's plots need matplotlib ({err}); install it with "
                                      f"`pip install 'matplotlib>=3.8'`") from err
-    _plot(out / PLOT_FILES[0], arms, [("score/mean", "Training judge score", "score")], smooth)
+    _plot(out / PLOT_FILES[0], arms, [("score/mean", "Training judge score", "score"),
+                                      (SCORE_FRACTION, "Training judge score as a fraction of the rubric's range",
+                                       "fraction")], smooth)
     _plot(out / PLOT_FILES[1], arms, [("eval/independent_score", "Held-out: independent judge", "score"),
                                       ("eval/judge_score", "Held-out: training judge", "score")])
     _plot(out / PLOT_FILES[2], arms, [("eval/hack/any", "Held-out: share of responses flagged by any hack "
@@ -327,7 +378,7 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
                     text_limit: int) -> str:
     """compare.md: arm table, evaluation table, plots, example outputs, rubric versions, notes."""
     overview = [(arm.name, s["run_dir"], _cell(s["updates_done"]), _cell(s["training_score_last_mean"]),
-                 _cell(s["evaluations"]), _cell(s["rubric_versions"]),
+                 _cell(s["score_fraction_last_mean"]), _cell(s["evaluations"]), _cell(s["rubric_versions"]),
                  ", ".join(map(str, s["rubric_changes_at"])) or "none")
                 for arm in arms for s in [summaries[arm.name]]]
     evaluations = []
@@ -341,8 +392,9 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
     parts = [
         "# Experiment comparison",
         "## Arms",
-        _table(("arm", "run dir", "updates done", f"training score, mean of last {smooth}", "evaluations",
-                "rubric versions", "new rubric at updates"), overview),
+        _table(("arm", "run dir", "updates done", f"training score, mean of last {smooth}",
+                "as a fraction of the rubric's range", "evaluations", "rubric versions", "new rubric at updates"),
+               overview),
         "## Held-out evaluations",
         markdown_text("First and last in-training evaluation of each arm. \"-\": not recorded (no evaluation yet, "
                       "or no independent judge).", "paragraph"),
