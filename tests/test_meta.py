@@ -180,7 +180,8 @@ def test_prompt_text_copied_into_criteria_is_rejected_by_the_sense_check(tmp_pat
     result = MetaRewardModel(client, task="essay", num_samples=4).meta_step(RUBRIC, uniform_samples(), rng=0)
     assert (result.accepted, result.reason_code, result.rubric) == (False, "sense_check", RUBRIC)
     found = {(issue.code, issue.item) for issue in result.sense_check}
-    assert found == {(code, item) for code in ("no_guidance", "copied") for item in (1, 2, 3)}
+    assert found == ({(code, item) for code in ("no_guidance", "copied") for item in (1, 2, 3)}
+                     | {("duplicate", 2), ("duplicate", 3)})  # the same prompt in each: also repeats
     saved = json.loads(result.save(tmp_path, 1, uniform_samples()).read_text())
     assert saved["reason_code"] == "sense_check"
     assert {(i["code"], i["item"]) for i in saved["sense_check"]} == found
@@ -240,6 +241,47 @@ def test_levels_outside_the_stated_scale_are_rejected():
     assert (result.accepted, result.reason_code) == (False, "sense_check")
     assert [(i.code, i.item) for i in result.sense_check] == [("level_out_of_scale", 1)]
     assert "7" in result.sense_check[0].detail and "(0-5)" in result.sense_check[0].detail
+
+
+def test_a_criterion_restated_as_several_is_rejected_as_duplicates():
+    # What the 1.5B MRM merged at the experiment's first meta step: one criterion, restated with other scales.
+    body = ("- 0: The response does not mention the article referenced in the prompt.\n"
+            "- {hi}: The response gives a vivid example of how advertisements can be both captivating and "
+            "misleading, and explains how they can be used for self-improvement.")
+    items = [f"### Evidence ({lo}-{lo + 10})\n" + body.format(hi=lo + 10).replace("- 0:", f"- {lo}:")
+             for lo in (0, 10, 20)]
+    result = MetaRewardModel(ScriptedClient(items=items, count=3), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "sense_check", RUBRIC)
+    assert [(i.code, i.item) for i in result.sense_check] == [("duplicate", 2), ("duplicate", 3)]
+    assert "criterion #1" in result.sense_check[0].detail
+
+
+def test_criteria_that_share_a_name_but_grade_different_things_pass():
+    other = "### Focus (0-5)\n- 5: every paragraph serves the essay's thesis.\n- 0: the thesis is never stated."
+    result = MetaRewardModel(ScriptedClient(items=[FOCUS, other]), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted, result.reason
+
+
+def test_one_description_for_different_scores_is_rejected():
+    # What the 0.5B MRM wrote: levels alternating two sentences, so most scores cannot be told apart.
+    item = ("### Evidence (0-5)\n- 0: Write an essay that is not developed.\n- 1: Write a well-developed story.\n"
+            "- 2: Write a well-developed essay.\n- 3: Write a well-developed story.")
+    result = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay",
+                             num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert (result.accepted, result.reason_code) == (False, "sense_check")
+    assert [(i.code, i.item) for i in result.sense_check] == [("repeated_level", 1)]
+    assert "levels 1 and 3" in result.sense_check[0].detail
+
+
+def test_an_end_marker_line_without_brackets_is_cleaned_from_criteria():
+    text, removed = clean_markup(FOCUS + "\n\nEOE\n")
+    assert (text, removed) == (FOCUS.strip(), ("EOE",))
+    assert clean_markup("### Tone (0-5)\n- 5: avoids EOE jargon.\n- 0: uses it.")[1] == ()  # inside a line: kept
+    result = MetaRewardModel(ScriptedClient(items=[FOCUS + "\n[EOE]"], count=1), task="essay",
+                             num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert result.accepted and result.rubric.items == (FOCUS.strip(),)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -2,9 +2,10 @@
 
 A small MRM often writes criteria that parse and fit the limits but cannot grade anything: the
 writing prompt or the student's response copied into a criterion, a criterion with no score
-levels or no word on how to score, or level lines whose points fall outside the criterion's own
-scale. A rubric like that scores noise, so the meta step keeps the previous rubric instead and
-logs the `SenseIssue`s found here.
+levels or no word on how to score, level lines whose points fall outside the criterion's own
+scale, one criterion restated as several, or one description given for different scores. A
+rubric like that scores noise, so the meta step keeps the previous rubric instead and logs the
+`SenseIssue`s found here.
 
 Everything here is a pure function of the text: the criteria are data, read with regexes and
 word counts, never evaluated or rendered as templates. The scale itself is read by
@@ -22,13 +23,16 @@ from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import _TAG_RE, ScaleError, item_scale
 
 __all__ = [
-    "COPIED", "LEVEL_OUT_OF_SCALE", "NO_GUIDANCE", "SenseIssue", "check_criteria", "clean_markup",
-    "copied_fraction", "has_scoring_guidance", "level_values", "ngrams", "out_of_scale_levels",
+    "COPIED", "DUPLICATE", "LEVEL_OUT_OF_SCALE", "NO_GUIDANCE", "REPEATED_LEVEL", "SenseIssue", "check_criteria",
+    "clean_markup", "copied_fraction", "has_scoring_guidance", "level_descriptions", "level_values", "ngrams",
+    "out_of_scale_levels",
 ]
 
 NO_GUIDANCE = "no_guidance"
 LEVEL_OUT_OF_SCALE = "level_out_of_scale"
 COPIED = "copied"
+DUPLICATE = "duplicate"
+REPEATED_LEVEL = "repeated_level"
 
 _NUMBER = r"[-\u2212]?\d+(?:\.\d+)?"
 # A level line: an optional bullet, a score or a score range, optionally "points" and a short
@@ -64,19 +68,27 @@ class SenseIssue:
 
 # -- markup -------------------------------------------------------------------------------------
 
+# The protocol's end-of-reply marker on a line of its own, with or without its brackets: the
+# sampler stops at `<EOE>` and `</EOE>`, but a model may write the bare word instead.
+_END_MARKER_RE = re.compile(r"^[ \t]*(?:<\s*/?\s*EOE\s*>|\[/?EOE\]|EOE)[ \t.]*$", re.MULTILINE)
+
+
 def clean_markup(text: str) -> tuple[str, tuple[str, ...]]:
-    """`text` with every rubric tag removed (stripped), and the tags removed, in order.
+    """`text` with every rubric tag and end-marker line removed (stripped), and what was removed, in order.
 
     Each tag becomes a line break, and removal repeats until no tag is left, since removing one
-    tag can join its neighbours into a new one (`<it<item>em>`).
+    tag can join its neighbours into a new one (`<it<item>em>`). An end marker (`EOE`, `<EOE>`,
+    `[EOE]`) is removed only on a line of its own, where it cannot be part of the criterion.
     """
     removed: list[str] = []
     while True:
         found = [m.group(0) for m in _TAG_RE.finditer(text)]
         if not found:
-            return text.strip(), tuple(removed)
+            break
         removed.extend(found)
         text = _TAG_RE.sub("\n", text)
+    removed.extend(m.group(0).strip() for m in _END_MARKER_RE.finditer(text))
+    return _END_MARKER_RE.sub("", text).strip(), tuple(removed)
 
 
 # -- levels and guidance ------------------------------------------------------------------------
@@ -93,6 +105,16 @@ def level_values(item: str) -> list[float]:
         if match.group(2) is not None:
             values.append(_number(match.group(2)))
     return values
+
+
+def level_descriptions(item: str) -> list[tuple[str, str]]:
+    """(score as written, description) of each level line, descriptions lower-cased, words only."""
+    out = []
+    for match in _LEVEL_RE.finditer(item):
+        end = item.find("\n", match.end())
+        text = item[match.end(): len(item) if end < 0 else end]
+        out.append((match.group(0).strip(" \t-*\u2022:"), " ".join(_WORD_RE.findall(text.lower()))))
+    return out
 
 
 def has_scoring_guidance(item: str) -> bool:
@@ -150,7 +172,11 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
     - a level value outside the scale in the item's header (items without a readable scale are
       the parser's concern and are not checked here);
     - more than `max_copied_fraction` of the item's word n-grams occur in `sources` (the task
-      description, prompts and responses the MRM was shown), less the n-grams of `exclude`.
+      description, prompts and responses the MRM was shown), less the n-grams of `exclude`;
+    - a duplicate: more than `max_copied_fraction` of the item's word n-grams (its header's name
+      and scale left out) occur in one earlier item, so the rubric grades one thing twice;
+    - a repeated level: two level lines of the item give different scores the same description,
+      so the item cannot tell those scores apart.
     """
     if not 0.0 < max_copied_fraction <= 1.0:
         raise InvalidValueError(f"max_copied_fraction must be in (0, 1], got {max_copied_fraction}")
@@ -174,4 +200,22 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
         if fraction > max_copied_fraction:
             issues.append(SenseIssue(COPIED, index, f"{fraction:.0%} of its word {n}-grams copy the prompts or "
                                                     f"responses shown (limit {max_copied_fraction:.0%})"))
+        for earlier in range(1, index):
+            shared = copied_fraction(_body(item), ngrams(_body(items[earlier - 1]), n), n)
+            if shared > max_copied_fraction:
+                issues.append(SenseIssue(DUPLICATE, index, f"{shared:.0%} of its word {n}-grams repeat criterion "
+                                                           f"#{earlier} (limit {max_copied_fraction:.0%})"))
+                break
+        seen: dict[str, str] = {}
+        for score, description in level_descriptions(item):
+            if description and seen.get(description, score) != score:
+                issues.append(SenseIssue(REPEATED_LEVEL, index, f"levels {seen[description]} and {score} have the "
+                                                                f"same description"))
+                break
+            seen.setdefault(description, score)
     return issues
+
+
+def _body(item: str) -> str:
+    """The item without its header lines (a shared name such as "Evidence" is not a repeat)."""
+    return "\n".join(line for line in item.splitlines() if not line.lstrip().startswith("#"))
