@@ -279,6 +279,7 @@ def test_an_end_marker_line_without_brackets_is_cleaned_from_criteria():
     text, removed = clean_markup(FOCUS + "\n\nEOE\n")
     assert (text, removed) == (FOCUS.strip(), ("EOE",))
     assert clean_markup("### Tone (0-5)\n- 5: avoids EOE jargon.\n- 0: uses it.")[1] == ()  # inside a line: kept
+    assert clean_markup(FOCUS + "\n- **EOE**") == (FOCUS.strip(), ("- **EOE**",))  # as the 1.5B MRM wrote it
     result = MetaRewardModel(ScriptedClient(items=[FOCUS + "\n[EOE]"], count=1), task="essay",
                              num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
     assert result.accepted and result.rubric.items == (FOCUS.strip(),)

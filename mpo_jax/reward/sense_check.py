@@ -70,7 +70,8 @@ class SenseIssue:
 
 # The protocol's end-of-reply marker on a line of its own, with or without its brackets: the
 # sampler stops at `<EOE>` and `</EOE>`, but a model may write the bare word instead.
-_END_MARKER_RE = re.compile(r"^[ \t]*(?:<\s*/?\s*EOE\s*>|\[/?EOE\]|EOE)[ \t.]*$", re.MULTILINE)
+_END_MARKER_RE = re.compile(r"^[ \t]*(?:[-*\u2022][ \t]*)?(?:\*\*)?(?:<\s*/?\s*EOE\s*>|\[/?EOE\]|EOE)(?:\*\*)?[ \t.]*$",
+                            re.MULTILINE)
 
 
 def clean_markup(text: str) -> tuple[str, tuple[str, ...]]:
@@ -78,7 +79,8 @@ def clean_markup(text: str) -> tuple[str, tuple[str, ...]]:
 
     Each tag becomes a line break, and removal repeats until no tag is left, since removing one
     tag can join its neighbours into a new one (`<it<item>em>`). An end marker (`EOE`, `<EOE>`,
-    `[EOE]`) is removed only on a line of its own, where it cannot be part of the criterion.
+    `[EOE]`, also as a bullet or in bold) is removed only on a line of its own, where it cannot be
+    part of the criterion.
     """
     removed: list[str] = []
     while True:
