@@ -319,9 +319,9 @@ class Transformer(nnx.Module):
         return {name: getattr(self.layers, name)[...] for name in names}
 
     def decode_weights(self, *, adapters: bool = True, vocab_chunks: int = 8) -> DecodeWeights:
-        """Per-layer (and per-vocabulary-block) views of the weights for a decode loop.
+        """Per-layer (and per-vocabulary-block) copies of the weights for a decode loop.
 
-        Make them once, outside the loop; see `DecodeWeights` for why.
+        Make them once, outside the loop; see `DecodeWeights` for why and what it costs.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
@@ -344,7 +344,7 @@ class Transformer(nnx.Module):
         `attend(q, k, v, layer_index, state, layer_x) -> (out, state, emitted)`: `state` is
         carried through the layers, `layer_x` is this layer's slice of `layer_xs`, and the
         stacked `emitted` values are returned. With `weights` (`decode_weights`) the layers run
-        unrolled on those views instead, with Python-int layer indices.
+        unrolled on those copies instead, with Python-int layer indices.
         """
         c = self.config
         dtype = jnp.dtype(c.dtype)
