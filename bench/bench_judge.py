@@ -1,12 +1,13 @@
-"""Judge throughput on SmolLM2-135M-Instruct (float32): samples/s of `mpo_jax.reward.judge.Judge` in its
-three configurations, on one batch of real essay prompts with essays, on the same machine, in the
-same run.
+"""Judge throughput (float32): samples/s of `mpo_jax.reward.judge.Judge` in its three configurations,
+on one batch of real essay prompts with essays, on the same machine, in the same run. The model is
+SmolLM2-135M-Instruct by default; `--model qwen2.5-coder-0.5b-instruct` times the judge that the
+CPU experiments use (docs/results/reward_hacking.md).
 
     python bench/bench_judge.py                                  # batch 16, 2 repeats, 128-token rationales
     python bench/bench_judge.py --skip-generate --repeats 3
-    python bench/bench_judge.py --markdown-out /tmp/judge.md
+    python bench/bench_judge.py --model qwen2.5-coder-0.5b-instruct --markdown-out /tmp/judge05b.md
 
-On the 2-core CPU the default run takes about 10 minutes: generate mode ~7 (a warm-up call and one
+On the 2-core CPU the default run (135M) takes about 10 minutes: generate mode ~7 (a warm-up call and one
 timed call of ~3.5 minutes each), logits without reuse ~2 (calls of ~36 s), logits with reuse ~1.5
 (calls of ~22 s). `--skip-generate` takes about 3.5 minutes.
 
@@ -65,12 +66,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
 
+from mpo_jax.engine import presets  # noqa: E402
 from mpo_jax.engine.language_model import LanguageModel, load_model  # noqa: E402
 from mpo_jax.reward.judge import Judge  # noqa: E402
 from mpo_jax.rubric import Rubric  # noqa: E402
 from mpo_jax.tasks import load_records  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # The essay task's expert rubric, first two items, trimmed to levels 0-5 (~400 tokens rendered).
 RUBRIC = Rubric((
@@ -308,6 +310,11 @@ def _bench_mode(name: str, judge: Judge, records, responses, repeats: int, count
 
 
 # -- report -----------------------------------------------------------------------------------------
+def model_description(name: str) -> str:
+    preset = presets.PRESETS.get(name)
+    return preset.description if preset else f"model {name}"
+
+
 def share(x: float | None) -> str:
     return "?" if x is None else f"{x:.0%}"
 
@@ -315,6 +322,9 @@ def share(x: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"the judge: a preset ({', '.join(sorted(presets.PRESETS))}) or a local .gguf or "
+                        f"checkpoint directory (default {DEFAULT_MODEL})")
     parser.add_argument("--batch", type=int, default=16, help="rows per judge call (default 16)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per logits mode (median)")
     parser.add_argument("--generate-repeats", type=int, default=1, help="timed calls in generate mode (median)")
@@ -329,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     cpu_before = cpu_seconds()
-    model = load_model(MODEL)
+    model = load_model(args.model)
     info = {**machine_info(), "accelerator": ", ".join(str(d) for d in jax.devices()), "jax": jax.__version__}
     records = load_records("essay", "test", limit=args.batch)
     if len(records) < args.batch:
@@ -361,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"processes used {share(others)} of the CPUs during the run (per mode: "
             + ", ".join(f"{r.name} {share(r.others)}" for r in results) + ")"
             + (" — **the machine was busy: timings are pessimistic**" if busy else ""),
-            f"- SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32); batch {args.batch}; essay prompts from "
+            f"- {model_description(args.model)}, dequantised to float32; batch {args.batch}; essay prompts from "
             f"the test split with essays of {min(essay_tokens)}-{max(essay_tokens)} tokens; 2-item rubric of "
             f"{rubric_tokens} tokens (judge prefix {prefix_tokens} tokens, padded to {args.max_rubric_tokens}); "
             f"judge max_items {args.max_items}; generate mode: {args.rationale_tokens}-token rationale budget per "
