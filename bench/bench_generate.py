@@ -401,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         if r.engine.startswith("mpo-jax"):
             step = r.decode_s / r.decode_steps
-            out.append(f"- mpo-jax batch {r.batch}: {1e3 * step:.1f} ms per step = {floor_s / step:.0%} of the "
+            out.append(f"- {r.engine} batch {r.batch}: {1e3 * step:.1f} ms per step = {floor_s / step:.0%} of the "
                        f"floor's speed")
     if chat is not None:
         results, context = chat
