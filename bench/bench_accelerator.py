@@ -407,12 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
 
+    info = machine_info()  # the commit that runs, read before anything can change it
     started = time.perf_counter()
     result = run(args)
     wall_s = time.perf_counter() - started
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    text = report(args, machine_info(), result, wall_s)
+    text = report(args, info, result, wall_s)
     print(text)
     if args.markdown_out:
         args.markdown_out.write_text(text + "\n", encoding="utf-8")

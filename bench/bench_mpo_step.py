@@ -987,6 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     started = time.perf_counter()
+    info = machine_info()  # the commit that runs, read before anything can change it
     load_before = os.getloadavg()
     others: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="bench_mpo_step_") as tmp:
@@ -1002,7 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 th, others["PyTorch"] = run_engine("torch", args, workdir)
     wall_s = time.perf_counter() - started
-    text = report(args, machine_info(), jx, th, load_before, others, wall_s)
+    text = report(args, info, jx, th, load_before, others, wall_s)
     print(text)
     if args.markdown_out:
         args.markdown_out.write_text(text + "\n", encoding="utf-8")

@@ -512,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     started = time.perf_counter()
+    info = machine_info()  # the commit that runs, read before anything can change it
     load_before = os.getloadavg()
     cpu_before = cpu_seconds(include_children=True)
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
@@ -529,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 th = run_engine("torch", args, data, workdir)
     wall_s = time.perf_counter() - started
     others = others_share(cpu_before, cpu_seconds(include_children=True), wall_s)
-    text = report(args, machine_info(), jx, th, load_before, others, wall_s)
+    text = report(args, info, jx, th, load_before, others, wall_s)
     print(text)
     if args.markdown_out:
         args.markdown_out.write_text(text + "\n", encoding="utf-8")
