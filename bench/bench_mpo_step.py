@@ -6,11 +6,11 @@ CPU experiment (`configs/experiments/reward_hacking.py`), on the same machine, i
     python bench/bench_mpo_step.py --no-torch                         # mpo-jax only
     python bench/bench_mpo_step.py --smoke                            # few tokens, 2 meta samples
 
-About 1.5 hours on the 2-core CPU at the defaults (an estimate from the figures in
-docs/benchmarks.md: mpo-jax ~70 minutes, since it runs every phase twice, PyTorch ~20); the meta
-step (16 analyses and criteria sets with the 0.5B model) and the judge's generate mode take most of
-it. mpo-jax's process may need over 10 GB in the meta step (its prefill materialises the attention
-scores of 16 rows x 2048 queries x the cache). `--smoke` runs the same code end to end with few
+About an hour on the 2-core CPU at the defaults (3,793 s on 2026-11-30: mpo-jax ~47 minutes, since
+it runs every phase twice, PyTorch ~16); the meta step (16 analyses and criteria sets with the 0.5B
+model) and the judge's generate mode take most of it. mpo-jax's process may need over 10 GB in the
+meta step (15 GiB in that run; its prefill materialises the attention scores of 16 rows x 2048
+queries x the cache). `--smoke` runs the same code end to end with few
 tokens (15-30 minutes, most of it the 0.5B judge's prefill and compiling; `--smoke --batch 2` is
 quicker).
 
