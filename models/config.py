@@ -68,6 +68,10 @@ class ModelConfig:
     # work and memory. Decoding with a cache is always dense.
     attention_impl: str = "dense"
     attention_block: int = 64
+    # Attention over a KV cache (prefill and decoding) takes the queries in blocks of this many rows,
+    # so a long prefill holds one block's scores against the cache at a time, not all T rows'
+    # (`transformer.attention`); 0 takes them all at once. Decode steps (one query) are unaffected.
+    cache_query_block: int = 256
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     lora_rank: int = 0  # > 0 adds low-rank adapters to `lora_targets`
@@ -99,6 +103,10 @@ class ModelConfig:
         if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
             raise InvalidValueError(f"ModelConfig.attention_block must be a positive int (query rows per block "
                                     f"of blocked attention), got {self.attention_block!r}")
+        block = self.cache_query_block
+        if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+            raise InvalidValueError(f"ModelConfig.cache_query_block must be an int >= 0 (query rows per block of "
+                                    f"attention over a KV cache; 0: all at once), got {self.cache_query_block!r}")
         if self.architecture not in ("llama", "qwen2"):
             raise InvalidValueError(f"ModelConfig.architecture must be 'llama' or 'qwen2', got {self.architecture!r}")
         if self.lora_rank < 0:

@@ -61,8 +61,32 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B,T,H,D], k/v [B,S,Hkv,D], mask [B,T,S] -> [B,T,H,D]."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, query_block: int = 0) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,D], k/v [B,S,Hkv,D], mask [B|1,T,S] -> [B,T,H,D].
+
+    `query_block` > 0 and < T: the queries go through in blocks of that many rows, one after
+    another (`lax.map`), so only one block's [B,H,block,S] scores are live at a time. A long
+    prefill into a large cache would otherwise hold the whole [B,H,T,S] matrix at once.
+    """
+    t = q.shape[1]
+    if 0 < query_block < t:
+        return _attention_in_query_blocks(q, k, v, mask, query_block)
+    return _attention_all_queries(q, k, v, mask)
+
+
+def _attention_in_query_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                               block: int) -> jax.Array:
+    b, t, h, d = q.shape
+    count = -(-t // block)
+    pad = count * block - t  # padded query rows see no key; their (uniform) outputs are cut off below
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, count, block, h, d)
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(mask.shape[0], count, block, mask.shape[-1])
+    out = jax.lax.map(lambda qm: _attention_all_queries(qm[0], k, v, qm[1]),
+                      (jnp.moveaxis(q, 1, 0), jnp.moveaxis(mask, 1, 0)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, count * block, h, d)[:, :t]
+
+
+def _attention_all_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
@@ -278,7 +302,8 @@ class Transformer(nnx.Module):
             else:
                 cache_kv = cache_kv.write_layer(layer_index, k, v)
                 keys, values = cache_kv.layer(layer_index)
-            return attention(q, keys, values, mask), cache_kv, None
+            block = self.config.cache_query_block if cache_kv is not None else 0
+            return attention(q, keys, values, mask, block), cache_kv, None
 
         kv = None if cache is None else cache.layers_view()
         hidden, kv, _ = self._decode_layers(tokens, valid, start, attend, kv, None, adapters, weights)

@@ -8,8 +8,10 @@ from flax import nnx
 from reference_numpy import forward_row
 from tiny import numpy_config, random_params, tiny_config
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.models.kv_cache import ContextKV, KVCache
 from mpo_jax.models.params import flat_from_state, state_from_flat
+from mpo_jax.models.transformer import attention
 
 
 def build(config, params):
@@ -63,6 +65,56 @@ def test_padding_inside_a_cached_chunk_is_ignored():
     chunk = jnp.pad(seq[:, 4:], ((0, 0), (2, 0)))
     out, _ = model(chunk, jnp.asarray([[0, 0] + [1] * 5], bool), cache)
     np.testing.assert_allclose(np.asarray(out[0, 2:]), np.asarray(full[0, 4:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cached_prefill_in_query_blocks_matches_the_numpy_forward(arch):
+    """Query blocks of 4 rows (13-token chunks: the last block padded), left padding, a second chunk
+    that reads the first from the cache, then one decode step, all against the numpy forward."""
+    config = tiny_config(arch, cache_query_block=4)
+    params = random_params(config, seed=6)
+    model = build(config, params)
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(0, config.vocab_size, n).astype(np.int32) for n in (13, 9)]
+    tokens = np.zeros((2, 13), np.int32)
+    valid = np.zeros((2, 13), bool)
+    for i, row in enumerate(rows):
+        tokens[i, 13 - len(row):], valid[i, 13 - len(row):] = row, True
+    more = rng.integers(0, config.vocab_size, (2, 13)).astype(np.int32)
+    step = rng.integers(0, config.vocab_size, (2, 1)).astype(np.int32)
+    cache = KVCache.create(config, 2, 32)
+    first, cache = model(jnp.asarray(tokens), jnp.asarray(valid), cache)
+    second, cache = model(jnp.asarray(more), cache=cache)
+    last, _ = model(jnp.asarray(step), cache=cache)
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    for i, row in enumerate(rows):
+        expected = forward_row(p64, numpy_config(config), np.concatenate([row, more[i], step[i]]))
+        n = len(row)
+        np.testing.assert_allclose(np.asarray(first[i, 13 - n:]), expected[:n], atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(np.asarray(second[i]), expected[n:n + 13], atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(np.asarray(last[i]), expected[-1:], atol=2e-4, rtol=2e-4)
+
+
+def test_query_blocks_hold_one_blocks_scores_not_the_whole_matrix():
+    """XLA's own buffer accounting: all queries at once need the [B,H,T,S] float32 scores; blocks of
+    64 rows stay under a quarter of that (a 64-row block's scores are 1/16 of it)."""
+    b, t, s, h, kv, d = 2, 1024, 1536, 8, 2, 16
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+    k = jax.ShapeDtypeStruct((b, s, kv, d), jnp.float32)
+    mask = jax.ShapeDtypeStruct((b, t, s), jnp.bool_)
+    scores_bytes = b * h * t * s * 4
+
+    def temp_bytes(block):
+        fn = jax.jit(lambda q, k, v, m: attention(q, k, v, m, block))
+        return fn.lower(q, k, k, mask).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(0) >= scores_bytes
+    assert temp_bytes(64) < scores_bytes / 4
+
+
+def test_query_block_setting_is_validated():
+    with pytest.raises(InvalidValueError, match="cache_query_block"):
+        tiny_config("llama", cache_query_block=-1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
