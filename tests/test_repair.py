@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tiny import fixture_data_dir
 
+from mpo_jax.errors import InvalidValueError
 from mpo_jax.evaluation import repair as bench
 from mpo_jax.evaluation.cli import eval_main, repair_configurations
 from mpo_jax.reward.hacks import HACK_KINDS
@@ -231,6 +232,45 @@ def test_a_rejected_proposal_keeps_rubric_and_scores():
     assert "rejected" in bench.results_table({"x": reports})
 
 
+def test_a_resumed_repair_continues_from_the_saved_steps_as_an_uninterrupted_one():
+    rubric, rows = ESSAY.initial_rubrics["iter0"], scripted_rows()
+    full = bench.repair(ScriptedJudge(), MetaRewardModel(ScriptedMRM(), task="essay", num_samples=3), rubric, rows,
+                        meta_steps=2, seed=4)
+
+    class StopsAtStep2(MetaRewardModel):
+        def meta_step(self, *args, step=None, **kw):
+            if step == 2:
+                raise KeyboardInterrupt
+            return super().meta_step(*args, step=step, **kw)
+
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        bench.repair(ScriptedJudge(), StopsAtStep2(ScriptedMRM(), task="essay", num_samples=3), rubric, rows,
+                     meta_steps=2, seed=4, on_step=lambda reports: saved.append(json.dumps(
+                         [r.to_json() for r in reports])))
+    done = [bench.StepReport.from_json(step, rows, "essay") for step in json.loads(saved[-1])]
+    assert [r.step for r in done] == [0, 1]
+
+    calls = []
+
+    class Counting(MetaRewardModel):
+        def meta_step(self, *args, step=None, **kw):
+            calls.append(step)
+            return super().meta_step(*args, step=step, **kw)
+
+    judge = ScriptedJudge()
+    resumed = bench.repair(judge, Counting(ScriptedMRM(), task="essay", num_samples=3), rubric, rows,
+                           meta_steps=2, seed=4, done=done)
+    assert calls == [2]  # only the missing step runs
+    assert judge.installed[0].items == full[1].rubric.items  # the saved rubric is back in force first
+    for got, want in zip(resumed, full, strict=True):
+        assert got.step == want.step and got.rubric.items == want.rubric.items
+        assert got.scores == want.scores and got.accuracy == want.accuracy
+    assert resumed[2].meta["evaluation"]["samples"] == full[2].meta["evaluation"]["samples"]  # same selection
+    with pytest.raises(InvalidValueError, match="steps 0..n"):
+        bench.repair(judge, Counting(ScriptedMRM(), task="essay"), rubric, rows, meta_steps=2, done=done[1:])
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 
 def test_cli_reuses_a_saved_set_and_compares_protocols(tmp_path, monkeypatch, capsys):
@@ -309,6 +349,77 @@ def test_an_interrupted_cli_run_keeps_the_configurations_it_finished(tmp_path, c
     assert [s["step"] for s in result["configurations"]["logits"]["steps"]] == [0, 1]
     assert (out / bench.TABLE_FILE).read_text(encoding="utf-8") == result["table"]
     assert result["table"].splitlines()[0] == "| hack | logits: before | logits: after step 1 |"
+
+
+def scripted_cli(monkeypatch, tmp_path, name):
+    """argv of a scripted CLI run (2 meta steps, one configuration) into tmp_path/name, and a list
+    that records the step of every meta step the run makes."""
+    import mpo_jax.reward.judge
+    import mpo_jax.train.model_specs
+
+    steps = []
+    real_meta_step = MetaRewardModel.meta_step
+
+    def counted(self, *args, step=None, **kw):
+        steps.append(step)
+        return real_meta_step(self, *args, step=step, **kw)
+
+    monkeypatch.setattr(mpo_jax.reward.judge, "Judge", ScriptedJudge)
+    monkeypatch.setattr(mpo_jax.train.model_specs, "build_model", lambda spec, mesh: ScriptedMRM())
+    monkeypatch.setattr(MetaRewardModel, "meta_step", counted)
+    out = tmp_path / name
+    bench.save_labelled_set(scripted_rows(), out / bench.SET_FILE, "essay")
+    return ["repair", "--task", "essay", "--judge", "tiny-random", "--out", str(out), "--meta-steps", "2",
+            "--num-samples", "3", "--seed", "2"], steps
+
+
+def test_a_killed_cli_run_resumes_from_its_last_step(tmp_path, monkeypatch, capsys):
+    argv, steps = scripted_cli(monkeypatch, tmp_path, "whole")
+    assert eval_main(argv) == 0
+    whole = json.loads((tmp_path / "whole" / bench.RESULT_FILE).read_text(encoding="utf-8"))
+    assert steps == [1, 2]
+
+    argv, steps = scripted_cli(monkeypatch, tmp_path, "killed")
+    real_meta_step = MetaRewardModel.meta_step
+
+    def killed_at_step_2(self, *args, step=None, **kw):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_meta_step(self, *args, step=step, **kw)
+
+    monkeypatch.setattr(MetaRewardModel, "meta_step", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(argv)
+    out = tmp_path / "killed"
+    partial = json.loads((out / bench.RESULT_FILE).read_text(encoding="utf-8"))
+    assert partial["complete"] is False and [s["step"] for s in partial["configurations"]["logits"]["steps"]] == [0, 1]
+
+    monkeypatch.setattr(MetaRewardModel, "meta_step", real_meta_step)
+    argv, steps = scripted_cli(monkeypatch, tmp_path, "killed")
+    assert eval_main(argv) == 0
+    assert steps == [2]  # step 1 is not redone
+    assert "resuming" in capsys.readouterr().err
+    resumed = json.loads((out / bench.RESULT_FILE).read_text(encoding="utf-8"))
+    assert resumed["complete"] is True
+    strip = lambda record: [{k: v for k, v in step.items() if k != "meta"}  # noqa: E731
+                            for step in record["configurations"]["logits"]["steps"]]
+    assert strip(resumed) == strip(whole)
+    assert resumed["table"] == whole["table"]
+
+    assert eval_main(argv) == 0 and steps == [2]  # a finished run reruns nothing
+    assert "saved by an earlier run" in capsys.readouterr().err
+
+
+def test_a_run_with_other_settings_never_overwrites_a_saved_one(tmp_path, monkeypatch, capsys):
+    argv, steps = scripted_cli(monkeypatch, tmp_path, "out")
+    assert eval_main(argv) == 0
+    path = tmp_path / "out" / bench.RESULT_FILE
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert eval_main([*argv[:-2], "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "seed: saved 2, now 3" in err and "new --out" in err
+    assert path.read_bytes() == before and steps == [1, 2]
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):

@@ -214,6 +214,12 @@ def repair_configurations(modes: Sequence[str] | None, fence: str) -> list[Any]:
     return [Configuration(mode, f) for mode in dict.fromkeys(modes or ["logits"]) for f in fences]
 
 
+def _configuration_fields(name: str) -> tuple[str, bool]:
+    """(mode, fence) of a configuration name such as "generate+fence"."""
+    mode, _, fence = name.partition("+")
+    return mode, fence == "fence"
+
+
 def _run_repair(args: argparse.Namespace) -> int:
     from mpo_jax.evaluation import repair as bench
     from mpo_jax.evaluation.generate import check_model_name
@@ -258,41 +264,67 @@ def _run_repair(args: argparse.Namespace) -> int:
         bench.save_labelled_set(rows, set_path, task.name)
         print(f"labelled set: {len(records)} prompts x {len(rows) // len(records)} responses -> {set_path}",
               file=sys.stderr)
+    # A run into the same --out continues only with these unchanged, from its last saved step.
+    settings = {
+        "task": task.name, "judge": args.judge, "meta_model": args.meta_model or args.judge,
+        "labelled_set_sha256": bench.set_digest(rows), "rubric": args.rubric, "rubric_text": rubric.render(),
+        "seed": args.seed, "meta_steps": args.meta_steps,
+        "mrm": {"num_samples": args.num_samples, "analysis_tokens": args.analysis_tokens,
+                "item_tokens": args.item_tokens, "max_items": args.max_items,
+                "merged_rubric_words": args.merged_rubric_words},
+        "judge_settings": {"max_rubric_tokens": args.max_rubric_tokens, "rationale_tokens": args.rationale_tokens,
+                           "dtype": args.dtype},
+    }
+    runs: dict[str, Any] = {}
+    result_path = out / bench.RESULT_FILE
+    if result_path.is_file():
+        saved, runs = bench.load_saved_run(result_path, settings, rows, task.name)
+        source = saved.get("good_responses", source)
+        print(f"resuming {result_path}: " + (", ".join(f"{name} after step {len(steps) - 1}"
+                                                         for name, steps in runs.items() if steps) or "no steps yet"),
+              file=sys.stderr)
+
     judge_model = model(args.judge, "--judge")
     mrm = MetaRewardModel(model(args.meta_model or args.judge, "--meta-model"), task=task,
                           num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
                           item_tokens=args.item_tokens, max_items=args.max_items,
                           merged_rubric_words=args.merged_rubric_words)
-    runs: dict[str, Any] = {}
 
-    def write_results() -> str:  # after every configuration, so an interrupted run keeps what it measured
-        table = bench.results_table(runs)
-        done = configurations[:len(runs)]
+    def write_results() -> str:  # after every step, so an interrupted run keeps (and resumes from) what it measured
+        table = bench.results_table({name: steps for name, steps in runs.items() if steps})
         record = {
-            "task": task.name, "judge": args.judge, "meta_model": args.meta_model or args.judge,
-            "good_responses": source, "labelled_set": str(set_path), "rubric": args.rubric, "seed": args.seed,
+            **settings, "good_responses": source, "labelled_set": str(set_path),
             "prompts": len({r.prompt_index for r in rows}),
-            "hack_kinds": sorted({r.label for r in rows} - {bench.GOOD}), "meta_steps": args.meta_steps,
-            "mrm": {"num_samples": args.num_samples, "analysis_tokens": args.analysis_tokens,
-                    "item_tokens": args.item_tokens, "max_items": args.max_items,
-                    "merged_rubric_words": args.merged_rubric_words},
-            "configurations": {name: {"mode": c.mode, "fence": c.fence, "steps": [r.to_json() for r in reports]}
-                               for c, (name, reports) in zip(done, runs.items(), strict=True)},
-            "complete": len(runs) == len(configurations),
+            "hack_kinds": sorted({r.label for r in rows} - {bench.GOOD}),
+            "configurations": {name: {"mode": by_name[name].mode, "fence": by_name[name].fence,
+                                      "steps": [r.to_json() for r in steps]}
+                               for name, steps in runs.items() if steps},
+            "complete": all(len(runs.get(c.name, [])) == args.meta_steps + 1 for c in configurations),
             "table": table,
         }
-        atomic_write_text(out / bench.RESULT_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(result_path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out / bench.TABLE_FILE, table)
         return table
 
-    table = ""
+    by_name = {c.name: c for c in configurations}
+    for name in runs:  # configurations saved by an earlier run and not asked for now stay in the record
+        by_name.setdefault(name, bench.Configuration(*_configuration_fields(name)))
     for config in configurations:
+        done = runs.get(config.name, [])
+        if len(done) == args.meta_steps + 1:
+            print(f"{config.name}: all {args.meta_steps} meta steps were saved by an earlier run", file=sys.stderr)
+            continue
         judge = Judge(judge_model, task=bench.fenced_task(task) if config.fence else task, mode=config.mode,
                       max_rubric_tokens=args.max_rubric_tokens, rationale_tokens=args.rationale_tokens)
-        runs[config.name] = bench.repair(judge, mrm, rubric, rows, meta_steps=args.meta_steps, seed=args.seed,
-                                         batch_size=args.batch_size,
-                                         progress=lambda m, n=config.name: print(f"{n}: {m}", file=sys.stderr))
-        table = write_results()
+
+        def save(reports, name=config.name):
+            runs[name] = list(reports)
+            write_results()
+
+        bench.repair(judge, mrm, rubric, rows, meta_steps=args.meta_steps, seed=args.seed,
+                     batch_size=args.batch_size, done=done, on_step=save,
+                     progress=lambda m, n=config.name: print(f"{n}: {m}", file=sys.stderr))
+    table = write_results()
     sys.stdout.write(table)
     print(f"-> {out / bench.RESULT_FILE}, {out / bench.TABLE_FILE}", file=sys.stderr)
     return 0

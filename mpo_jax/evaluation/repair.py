@@ -21,6 +21,7 @@ is quoted data whose requests must not be obeyed (`fenced_task`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -39,8 +40,9 @@ from mpo_jax.tasks.base import FENCE_NOTE, fenced_task
 __all__ = [
     "FENCE_NOTE", "GOOD", "RESULT_FILE", "SET_FILE", "TABLE_FILE", "Configuration", "LabelledRow", "ScoringJudge",
     "StepReport", "benchmark_task", "build_labelled_set", "check_labelled_set", "choose_indices", "fenced_task",
-    "load_labelled_set", "load_rubric", "mean_accuracy", "mean_scores", "pairwise_accuracy", "read_good_responses",
-    "repair", "results_table", "save_labelled_set", "score_rows", "task_prompt", "write_good_responses",
+    "load_labelled_set", "load_rubric", "load_saved_run", "mean_accuracy", "mean_scores", "pairwise_accuracy",
+    "read_good_responses", "repair", "results_table", "save_labelled_set", "score_rows", "set_digest", "task_prompt",
+    "write_good_responses",
 ]
 
 GOOD = "good"
@@ -264,6 +266,7 @@ class StepReport:
     accuracy: dict[str, float]
     mean_score: dict[str, float]
     meta: dict[str, Any] | None = None  # the meta step that led here (None for step 0)
+    rationales: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # the judge's, per row
 
     @property
     def mean_accuracy(self) -> float:
@@ -271,39 +274,72 @@ class StepReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "rubric": self.rubric.render(), "rubric_iteration": self.rubric.iteration,
+                "rubric_items": list(self.rubric.items), "rubric_parent": self.rubric.parent,
+                "rubric_created_step": self.rubric.created_step,
                 "accuracy": self.accuracy, "mean_accuracy": self.mean_accuracy, "mean_score": self.mean_score,
-                "meta": self.meta, "scores": self.scores}
+                "meta": self.meta, "scores": self.scores, "rationales": [list(r) for r in self.rationales]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], rows: Sequence[LabelledRow], task: str | None = None) -> StepReport:
+        """A step written by `to_json`, for resuming; the accuracies are recomputed from the scores."""
+        try:
+            rubric = Rubric(tuple(data["rubric_items"]), iteration=data["rubric_iteration"],
+                            parent=data.get("rubric_parent"), created_step=data.get("rubric_created_step"), task=task)
+            scores = [float(x) for x in data["scores"]]
+            rationales = [tuple(str(t) for t in r) for r in data.get("rationales") or [() for _ in scores]]
+        except (KeyError, TypeError, ValueError, RubricError) as err:
+            raise InvalidValueError(f"saved repair step {data.get('step')!r} cannot be resumed ({err}); "
+                                    "delete repair.json or pass a new --out to start over") from err
+        if len(scores) != len(rows) or len(rationales) != len(rows):
+            raise InvalidValueError(f"saved repair step {data.get('step')!r} holds {len(scores)} scores for "
+                                    f"{len(rows)} labelled responses; delete repair.json or pass a new --out")
+        return _report(int(data["step"]), rubric, rows, scores, data.get("meta"), rationales)
 
 
 def _report(step: int, rubric: Rubric, rows: Sequence[LabelledRow], scores: list[float],
-            meta: dict[str, Any] | None) -> StepReport:
-    return StepReport(step, rubric, scores, pairwise_accuracy(rows, scores), mean_scores(rows, scores), meta)
+            meta: dict[str, Any] | None, rationales: Sequence[tuple[str, ...]] = ()) -> StepReport:
+    return StepReport(step, rubric, scores, pairwise_accuracy(rows, scores), mean_scores(rows, scores), meta,
+                      list(rationales))
 
 
 def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[LabelledRow], *, meta_steps: int = 2,
-           seed: int = 0, batch_size: int = 16,
+           seed: int = 0, batch_size: int = 16, done: Sequence[StepReport] = (),
+           on_step: Callable[[list[StepReport]], None] | None = None,
            progress: Callable[[str], None] | None = None) -> list[StepReport]:
     """Score the set, then `meta_steps` times: meta step on the scored set, install, re-score.
 
     The buffer given to the MRM is every row of the set with its current score (and the judge's
     rationales, where it writes them). A rejected proposal leaves the rubric, hence the scores,
-    unchanged, so the set is not re-scored. One generator seeded with `seed` drives the MRM's
-    sample selection, so configurations scored alike select alike.
+    unchanged, so the set is not re-scored. Step k's sample selection draws from a generator
+    seeded with (`seed`, k), so configurations scored alike select alike and a resumed run
+    selects as an uninterrupted one. `done`: the reports of an interrupted run (steps 0..n), which
+    continues from step n + 1 with their rubric, scores and rationales; `on_step` receives the
+    reports so far after every step (for saving).
     """
     from mpo_jax.reward.meta import MetaSample
 
     if meta_steps < 0:
         raise InvalidValueError(f"meta_steps must be >= 0, got {meta_steps}")
     say = progress or (lambda message: None)
-    judge.set_rubric(rubric)
-    scores, rationales = score_rows(judge, rows, batch_size)
-    reports = [_report(0, rubric, rows, scores, None)]
-    say(f"step 0: mean pairwise accuracy {reports[-1].mean_accuracy:.3f}")
-    rng = np.random.default_rng(seed)
-    for step in range(1, meta_steps + 1):
+    save = on_step or (lambda reports: None)
+    reports = list(done)
+    if [r.step for r in reports] != list(range(len(reports))) or len(reports) > meta_steps + 1:
+        raise InvalidValueError(f"done must hold steps 0..n with n <= meta_steps ({meta_steps}), got steps "
+                                f"{[r.step for r in reports]}")
+    if reports:
+        rubric, scores, rationales = reports[-1].rubric, reports[-1].scores, reports[-1].rationales
+        judge.set_rubric(rubric)
+        say(f"resuming after step {reports[-1].step}: mean pairwise accuracy {reports[-1].mean_accuracy:.3f}")
+    else:
+        judge.set_rubric(rubric)
+        scores, rationales = score_rows(judge, rows, batch_size)
+        reports.append(_report(0, rubric, rows, scores, None, rationales))
+        save(reports)
+        say(f"step 0: mean pairwise accuracy {reports[-1].mean_accuracy:.3f}")
+    for step in range(len(reports), meta_steps + 1):
         samples = [MetaSample(record=r.record, response=r.response, score=s, rationales=why)
                    for r, s, why in zip(rows, scores, rationales, strict=True)]
-        result = mrm.meta_step(rubric, samples, rng, step=step, fits=judge.fits)
+        result = mrm.meta_step(rubric, samples, np.random.default_rng([seed, step]), step=step, fits=judge.fits)
         meta = {"accepted": bool(result.accepted), "reason": result.reason,
                 "reason_code": getattr(result, "reason_code", None), "installed": False,
                 "evaluation": result.to_json(samples)}
@@ -315,10 +351,43 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
             else:
                 rubric, meta["installed"] = result.rubric, True
                 scores, rationales = score_rows(judge, rows, batch_size)
-        reports.append(_report(step, rubric, rows, list(scores), meta))
+        reports.append(_report(step, rubric, rows, list(scores), meta, rationales))
+        save(reports)
         say(f"step {step}: {'accepted' if result.accepted else 'kept'} ({meta['reason']}); mean pairwise "
             f"accuracy {reports[-1].mean_accuracy:.3f}")
     return reports
+
+
+# -- resuming -----------------------------------------------------------------------------------
+
+def set_digest(rows: Sequence[LabelledRow]) -> str:
+    """SHA-256 of the labelled set's content (prompt index, label, record, response per row)."""
+    blob = json.dumps([[r.prompt_index, r.label, r.record, r.response] for r in rows], sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def load_saved_run(path: str | os.PathLike[str], settings: Mapping[str, Any], rows: Sequence[LabelledRow],
+                   task: str) -> tuple[dict[str, Any], dict[str, list[StepReport]]]:
+    """The saved record of an earlier run into the same folder and its steps per configuration.
+
+    Every key of `settings` must equal the saved one: a run continues only the measurement it
+    started, never mixes two. Raises `InvalidValueError` naming the differences otherwise.
+    """
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path} cannot be read to resume ({err}); delete it or pass a new --out") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("configurations"), dict):
+        raise FileFormatError(f"{path} is not a repair.json; delete it or pass a new --out")
+    differences = [f"{key}: saved {saved.get(key)!r}, now {value!r}" for key, value in settings.items()
+                   if saved.get(key) != value]
+    if differences:
+        raise InvalidValueError(f"{path} holds a run with other settings ({'; '.join(differences)}); run with "
+                                "the same settings to resume it, or pass a new --out")
+    steps = {name: [StepReport.from_json(step, rows, task) for step in config.get("steps", [])]
+             for name, config in saved["configurations"].items()}
+    return saved, steps
 
 
 # -- judge protocols ----------------------------------------------------------------------------
