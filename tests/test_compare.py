@@ -251,3 +251,35 @@ def test_score_fraction_places_a_score_in_the_rubric_range():
     assert score_fraction(1.0, rubric, "sum") == 0.0 and score_fraction(14.0, rubric, "sum") == 1.0
     assert score_fraction(0.25, rubric, "mean_normalized") == 0.25  # already a fraction
     assert score_fraction(3.0, Rubric(("Is it focused?",)), "sum") is None  # no scale to place it in
+
+
+def test_paired_independent_scores_match_numpy_over_the_shared_prompts(tmp_path):
+    """Three prompts at update 0 and 5 in both arms, a fourth only in one arm and a fifth whose prompt
+    differs between the arms: only the three shared, identical prompts count."""
+    rng = np.random.default_rng(7)
+    scores = {name: {u: rng.uniform(0, 15, 5) for u in (0, 5)} for name in ("ref", "new")}
+    for name in ("ref", "new"):
+        run = tmp_path / name
+        run.mkdir()
+        _write_jsonl(run / "metrics.jsonl", [_eval_line(0, 1.0, 7.0, 100.0, {}), _train_line(1, 1.0),
+                                             _eval_line(5, 1.0, 7.0, 100.0, {})])
+        rows = [_sample(u, i, "text", float(scores[name][u][i]), [], prompt=f"prompt {i}")
+                for u in (0, 5) for i in range(3)]
+        if name == "new":
+            rows += [_sample(u, 3, "text", 1.0, [], prompt="prompt 3") for u in (0, 5)]
+        rows += [_sample(u, 4, "text", 2.0, [], prompt=f"prompt 4 of {name}") for u in (0, 5)]
+        _write_jsonl(run / "eval_samples.jsonl", rows)
+        (run / "rubric_iter_0.txt").write_text(_rubric("### Clarity (0-5)\nIs it clear?"), encoding="utf-8")
+    record = write_comparison({"ref": tmp_path / "ref", "new": tmp_path / "new"}, tmp_path / "out")
+    got = record["paired_independent"]
+    assert got["reference"] == "ref" and list(got["arms"]) == ["new"]
+    for row, update in zip(got["arms"]["new"], (0, 5), strict=True):
+        d = scores["new"][update][:3] - scores["ref"][update][:3]
+        assert row["update"] == update and row["prompts"] == 3
+        assert row["mean_difference"] == pytest.approx(d.mean())
+        assert row["standard_error"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(3))
+    markdown = (tmp_path / "out" / COMPARE_MD).read_text(encoding="utf-8")
+    assert "## Independent judge, paired by held-out prompt (against ref)" in markdown
+    paired_rows = [row for row in _table_rows(markdown, "new") if len(row) == 5]
+    assert [row[1] for row in paired_rows] == ["0", "5"] and all(row[2] == "3" for row in paired_rows)
+    assert float(paired_rows[1][3]) == pytest.approx(got["arms"]["new"][1]["mean_difference"], rel=1e-3)

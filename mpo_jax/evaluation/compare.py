@@ -7,7 +7,8 @@ axes. This writes into OUT: `training_score.png` (raw, and as a fraction of the 
 force allows, comparable across rewritten rubrics), `independent_score.png`, `hacks.png` (every arm
 on one axis, each arm's accepted rubric changes as vertical lines in its colour), `compare.md`,
 `compare.json` (the table's numbers) and `rubrics/<arm>/rubric_iter_N.txt` (copies of each arm's
-rubric versions).
+rubric versions). The first arm is the reference of a paired table: at each evaluation, every other
+arm's independent score minus the reference's on the same held-out prompt, with its standard error.
 
 Arms may be unfinished (one still running): `metrics.jsonl` and `eval_samples.jsonl` are read
 leniently, a torn or unreadable line is skipped and noted. Lines that share an update are merged
@@ -42,8 +43,8 @@ from mpo_jax.train.report import markdown_text
 from mpo_jax.train.report_data import MetaMarkers, ReportError, RunData, is_number, load_run, meta_markers
 from mpo_jax.train.run_dir import EVAL_SAMPLES_FILE, METRICS_FILE, RUBRIC_FILE_RE
 
-__all__ = ["COMPARE_JSON", "COMPARE_MD", "PLOT_FILES", "Arm", "load_arm", "moving_average", "summarize_arm",
-           "write_comparison"]
+__all__ = ["COMPARE_JSON", "COMPARE_MD", "PLOT_FILES", "Arm", "load_arm", "moving_average", "paired_independent",
+           "summarize_arm", "write_comparison"]
 
 COMPARE_MD = "compare.md"
 COMPARE_JSON = "compare.json"
@@ -63,6 +64,8 @@ class Arm:
     markers: MetaMarkers
     samples: dict[int, dict[str, Any]]
     problems: tuple[str, ...]
+    # update -> held-out prompt index -> (prompt, independent judge's score), for paired comparisons
+    independent: dict[int, dict[int, tuple[str, float]]] = dataclasses.field(default_factory=dict)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -144,10 +147,14 @@ def load_arm(name: str, run_dir: str | os.PathLike[str], example_index: int = 0)
     run = dataclasses.replace(run, metrics=merged_metrics(run.run_dir / METRICS_FILE, problems))
     run = _add_score_fractions(run, problems)
     samples: dict[int, dict[str, Any]] = {}
-    for row in _jsonl_objects(run.run_dir / EVAL_SAMPLES_FILE, problems):
-        if row.get("index") == example_index:
-            samples[row["update"]] = row  # a row repeated after a resume: the later one wins
-    return Arm(name, run, meta_markers(run), samples, tuple(problems))
+    independent: dict[int, dict[int, tuple[str, float]]] = {}
+    for row in _jsonl_objects(run.run_dir / EVAL_SAMPLES_FILE, problems):  # a row repeated after a resume:
+        if row.get("index") == example_index:                             # the later one wins
+            samples[row["update"]] = row
+        index, score = row.get("index"), row.get("independent_score")
+        if isinstance(index, int) and not isinstance(index, bool) and is_number(score) and math.isfinite(score):
+            independent.setdefault(row["update"], {})[index] = (str(row.get("prompt")), float(score))
+    return Arm(name, run, meta_markers(run), samples, tuple(problems), independent)
 
 
 def _series(arm: Arm, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +208,26 @@ def summarize_arm(arm: Arm, smooth: int) -> dict[str, Any]:
             "last_eval": _eval_summary(evals[-1] if evals else None),
             "rubric_versions": len(arm.run.versions), "rubric_changes_at": list(arm.markers.accepted),
             "problems": list(arm.problems)}
+
+
+def paired_independent(arm: Arm, reference: Arm) -> list[dict[str, Any]]:
+    """At every evaluation both arms made: the mean over held-out prompts of the arm's independent
+    score minus the reference's on the same prompt, and its standard error.
+
+    The arms share the held-out prompts, so pairing removes how hard each prompt is; with a handful
+    of prompts that spread is most of the noise. Only prompts with the same text in both arms count.
+    """
+    rows = []
+    for update in sorted(set(arm.independent) & set(reference.independent)):
+        ours, theirs = arm.independent[update], reference.independent[update]
+        shared = [i for i in sorted(set(ours) & set(theirs)) if ours[i][0] == theirs[i][0]]
+        if not shared:
+            continue
+        differences = np.array([ours[i][1] - theirs[i][1] for i in shared])
+        error = float(differences.std(ddof=1) / math.sqrt(differences.size)) if differences.size > 1 else None
+        rows.append({"update": update, "prompts": len(shared), "mean_difference": float(differences.mean()),
+                     "standard_error": error})
+    return rows
 
 
 def _json_safe(value: Any) -> Any:
@@ -389,6 +416,19 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
             evaluations.append((arm.name, label, _cell(e.get("update")), _cell(e.get("judge_score")),
                                 _cell(e.get("independent_score")), _cell(e.get("length_mean")),
                                 _cell(e.get("hack_any")), kinds or (_MISSING if not e else "none")))
+    paired = []
+    for arm in arms[1:]:
+        for row in paired_independent(arm, arms[0]):
+            paired.append((arm.name, _cell(row["update"]), _cell(row["prompts"]), _cell(row["mean_difference"]),
+                           _cell(row["standard_error"])))
+    paired_parts = [] if not paired else [
+        f"## Independent judge, paired by held-out prompt (against {markdown_text(arms[0].name, 'heading')})",
+        markdown_text(f"At each evaluation both arms made: the mean over the shared held-out prompts of the arm's "
+                      f"independent score minus {arms[0].name}'s on the same prompt, and its standard error "
+                      "(sample standard deviation of the differences over the square root of their number).",
+                      "paragraph"),
+        _table(("arm", "update", "prompts", f"mean difference vs {arms[0].name}", "standard error"), paired),
+    ]
     parts = [
         "# Experiment comparison",
         "## Arms",
@@ -400,6 +440,7 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
                       "or no independent judge).", "paragraph"),
         _table(("arm", "evaluation", "update", "training judge", "independent judge", "length (tokens)",
                 "hack rate (any)", "hack kinds flagged"), evaluations),
+        *paired_parts,
         "## Plots",
         markdown_text("Dashed vertical lines, in an arm's colour: that arm accepted a new rubric at that update. "
                       f"Training score: thin lines raw, thick lines the mean of the last {smooth} updates.",
@@ -437,6 +478,8 @@ def write_comparison(runs: Mapping[str, str | os.PathLike[str]], out_dir: str | 
     copies = {arm.name: _copy_rubrics(arm, out) for arm in arms}
     atomic_write_text(out / COMPARE_MD, render_markdown(arms, summaries, copies, out, smooth=smooth,
                                                         example_index=example_index, text_limit=text_limit))
-    record = {"smooth": smooth, "example_index": example_index, "arms": summaries}
+    record = {"smooth": smooth, "example_index": example_index, "arms": summaries,
+              "paired_independent": {"reference": arms[0].name,
+                                     "arms": {arm.name: paired_independent(arm, arms[0]) for arm in arms[1:]}}}
     atomic_write_text(out / COMPARE_JSON, json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
     return record
