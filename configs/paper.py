@@ -14,8 +14,9 @@ Hyper-parameters follow the published launch scripts (lr 3e-6, kl 0.02, missing-
 
 Updates per task are those the paper's meta-step counts imply at its intervals: essay 407
 (26,013 prompts / 64; 40 meta steps at interval 10), summarization 580 (29 at interval 20),
-ethics 203 (13K / 64; 20 at interval 10), math 118 (7,500 / 64, interval 30). Summarization
-prompts over 4,000 tokens are filtered out, as in the original.
+ethics 203 (13K / 64; 20 at interval 10), math 118 (7,500 / 64, interval 30). No meta step runs
+after the last update (no update would use its rubric), so summarization's 29th, at update 580, is
+skipped. Summarization prompts over 4,000 tokens are filtered out, as in the original.
 
 The judge follows the published protocol: per rubric item a rationale of up to 300 tokens (the
 original's max_tokens), then an integer score (`judge.mode = "generate"`). The documented fast

@@ -20,8 +20,8 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "mpo_colab.ipynb"
-# Two updates with a meta step after the second, on smaller tiny models.
-OVERRIDES = ["--config.num_updates=2", "--config.meta.interval=2", "--config.rollout.max_new_tokens=8",
+# Three updates with a meta step after the second, on smaller tiny models.
+OVERRIDES = ["--config.num_updates=3", "--config.meta.interval=2", "--config.rollout.max_new_tokens=8",
              "--config.policy.tiny_hidden_size=32", "--config.judge.model.tiny_hidden_size=32",
              "--config.data.batch_size=8", "--config.meta.analysis_tokens=8", "--config.meta.item_tokens=6",
              "--config.log.report=false"]
@@ -74,9 +74,9 @@ def test_install_is_skipped_and_the_tiny_config_runs(executed):
     notebook, run_dir = executed
     assert "skipping the install" in cell_text(find_cell(notebook.cells, "%pip install"))
     train = cell_text(find_cell(notebook.cells, "trainer.run()"))
-    assert "updates: 2/2" in train
+    assert "updates: 3/3" in train
     assert f"run directory: {run_dir.resolve()}" in train
-    assert (run_dir / "checkpoints" / "2").is_dir()
+    assert (run_dir / "checkpoints" / "3").is_dir()
 
 
 def test_rubric_versions_are_shown(executed):
@@ -97,7 +97,7 @@ def test_metrics_plot_is_a_png(executed):
     cell = find_cell(notebook.cells, "read_metrics(RUN_DIR)")
     images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1
-    assert "plotted 2 updates, 1 meta steps" in cell_text(cell)
+    assert "plotted 3 updates, 1 meta steps" in cell_text(cell)
 
 
 def test_custom_essays_are_scored(executed):
@@ -115,6 +115,6 @@ def test_policy_is_exported(executed):
     notebook, run_dir = executed
     text = cell_text(find_cell(notebook.cells, "export_policy("))
     out = Path(str(run_dir) + "_hf")
-    assert f"exported update 2 to {out}" in text
+    assert f"exported update 3 to {out}" in text
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "reply of the exported policy:" in text

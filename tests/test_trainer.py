@@ -341,6 +341,15 @@ def test_one_update_runs_for_each_variant(name, overrides, tmp_path, cache_env):
         assert len(rationales) == len(trainer.history.current.items)
 
 
+def test_no_meta_step_runs_after_the_last_update(tmp_path, cache_env):
+    """Interval 1 over 2 updates: a meta step after update 1, none after update 2 (nothing would use it)."""
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, "--config.num_updates=2", "--config.meta.interval=1", "--config.log.report=false")
+    metrics = metrics_by_update(run_dir)
+    assert metrics[1].get("meta/step") == 1.0 and not metrics[2].get("meta/step")
+    assert (run_dir / "meta_evaluation_1.json").is_file() and not (run_dir / "meta_evaluation_2.json").exists()
+
+
 def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path, cache_env, mpo_server):
     """A 6,000-character guideline (over the generic 4,000-character item limit, within MATH's 12,000)."""
     from mpo_jax.tasks import load_records
@@ -348,7 +357,7 @@ def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path
     from mpo_jax.train.trainer import Trainer
 
     run_dir = tmp_path / "math"
-    args = ["--config.task=math", "--config.num_updates=2", "--config.log.report=false",
+    args = ["--config.task=math", "--config.num_updates=3", "--config.log.report=false",
             f"--config.meta.remote.base_url={mpo_server.url}", "--config.judge.plan_tokens=6"]
     trainer = run_in_process(run_dir, *args)
     record = json.loads((run_dir / "meta_evaluation_2.json").read_text())
@@ -362,7 +371,7 @@ def test_math_meta_step_installs_a_long_guideline_that_survives_restore(tmp_path
         assert GUIDELINE in (run_dir / f"guideline_{name}.txt").read_text()
     restored = Trainer(load_config(TINY, [*FAST, f"--config.run_dir={run_dir}", *args]))
     restored._restore()
-    assert restored.update == 2
+    assert restored.update == 3
     assert {g: r.items for g, r in restored.guidelines.items()} == \
         {subject_id({"subject": name}): (GUIDELINE,) for name in record["groups"]}
 

@@ -94,7 +94,7 @@ class JudgeSpec:
 @dataclasses.dataclass(frozen=True)
 class MetaSpec:
     enabled: bool = True
-    interval: int = 10  # updates between meta steps
+    interval: int = 10  # updates between meta steps (none after the last update: no update would use it)
     model: ModelSpec = ModelSpec(name="", remat=False)  # name "": the judge's model
     remote: RemoteSpec = RemoteSpec()
     num_samples: int = 16

@@ -7,7 +7,8 @@
         scores   <- judge(rubric tokens as an array input) (jit, rubric prefix cached)
         state    <- ppo_update(state, batch, rng)          (jit, explicit shardings, donated)
         buffer   += rollouts
-        every meta.interval updates: rubric <- meta step (MRM, compiled separately); judge.set_rubric
+        every meta.interval updates but the last: rubric <- meta step (MRM, compiled separately);
+            judge.set_rubric (after update N no update would use the new rubric)
         checkpoint every checkpoint.every updates and on SIGTERM
 
 Randomness is derived from (seed, update), so a resumed run repeats exactly what the
@@ -439,7 +440,7 @@ class Trainer:
             while self.update < cfg.num_updates:
                 update = self.update + 1
                 metrics = self.train_step(update)
-                if cfg.meta.enabled and update % cfg.meta.interval == 0:
+                if cfg.meta.enabled and update % cfg.meta.interval == 0 and update < cfg.num_updates:
                     metrics.update(self._meta_step(update))
                     writer.write_rubric(self.history.current, update)
                 if self.evaluator is not None and (update % cfg.eval.every == 0 or update == cfg.num_updates):
