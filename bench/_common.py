@@ -63,3 +63,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit_report(lines: Sequence[str], wall_s: float, markdown_out: Path | None) -> None:
+    """Print the report (ending in the bench's wall time) and write it to `markdown_out` when given."""
+    report = "\n".join([*lines, "", f"_Bench wall time {wall_s:.0f} s._"])
+    print(report)
+    if markdown_out:
+        markdown_out.write_text(report + "\n", encoding="utf-8")

@@ -36,7 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
+from _common import cpu_seconds, emit_report, machine_info, markdown_table, others_share  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mpo_jax.engine.sampling import build_prefill  # noqa: E402
@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if seconds:
             line += f", time {seconds[block] / seconds[args.blocks[0]]:.2f}x"
         out.append(line)
-    out += ["", f"_Bench wall time {wall_s:.0f} s._"]
-    report = "\n".join(out)
-    print(report)
-    if args.markdown_out:
-        args.markdown_out.write_text(report + "\n", encoding="utf-8")
+    emit_report(out, wall_s, args.markdown_out)
     return 0
 
 

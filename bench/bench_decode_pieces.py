@@ -44,7 +44,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
+from _common import cpu_seconds, emit_report, machine_info, markdown_table, others_share  # noqa: E402
 
 from mpo_jax.models.transformer import tied_logits_over_blocks  # noqa: E402
 
@@ -185,11 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({4 * sizes['LM head'] / 1e6:.0f} MB); median of {args.repeats} x {args.inner} calls", ""]
     out += ["### Weight matmuls of one decode step", ""]
     out.append(markdown_table(["piece", "batch", "engine", "ms", "GB/s of weights", "GFLOP/s"], rows))
-    out += ["", *ratios, "", f"_Bench wall time {wall_s:.0f} s._"]
-    report = "\n".join(out)
-    print(report)
-    if args.markdown_out:
-        args.markdown_out.write_text(report + "\n", encoding="utf-8")
+    out += ["", *ratios]
+    emit_report(out, wall_s, args.markdown_out)
     return 0
 
 

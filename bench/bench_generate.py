@@ -66,7 +66,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
+from _common import cpu_seconds, emit_report, machine_info, markdown_table, others_share  # noqa: E402
 
 from mpo_jax.engine import constraints as constraints_lib  # noqa: E402
 from mpo_jax.engine import presets  # noqa: E402
@@ -411,11 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"token of the next reply:", ""]
         out.append(markdown_table(["path", "prefill token slots", "seconds"],
                                   [[name, tokens, f"{secs:.3f}"] for name, (tokens, secs) in results.items()]))
-    out += ["", f"_Bench wall time {wall_s:.0f} s._"]
-    report = "\n".join(out)
-    print(report)
-    if args.markdown_out:
-        args.markdown_out.write_text(report + "\n", encoding="utf-8")
+    emit_report(out, wall_s, args.markdown_out)
     return 0
 
 

@@ -64,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import cpu_seconds, machine_info, markdown_table, others_share  # noqa: E402
+from _common import cpu_seconds, emit_report, machine_info, markdown_table, others_share  # noqa: E402
 
 from mpo_jax.engine import presets  # noqa: E402
 from mpo_jax.engine.language_model import LanguageModel, load_model  # noqa: E402
@@ -405,11 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += ["", "### Scores (first rows)", ""]
     out.append(markdown_table(["mode"] + [f"row {i}" for i in range(min(8, args.batch))],
                               [[r.name] + [f"{s:.2f}" for s in r.scores[:8]] for r in results]))
-    out += ["", f"_Bench wall time {wall_s:.0f} s._"]
-    report = "\n".join(out)
-    print(report)
-    if args.markdown_out:
-        args.markdown_out.write_text(report + "\n", encoding="utf-8")
+    emit_report(out, wall_s, args.markdown_out)
     return 0
 
 
