@@ -81,6 +81,10 @@ def arms(tmp_path: Path) -> dict:
     history.append(Rubric(("### Clarity (0-5)\nIs it clear?", HOSTILE_RUBRIC_ITEM)), reason="meta", created_step=4)
     history.save(mpo)  # rubric_history.json, rubric_iter_0.txt and rubric_iter_1.txt, as the trainer writes them
     (mpo / "meta_evaluation_4.json").write_text(json.dumps({"accepted": True, "iteration": 1}), encoding="utf-8")
+    _write_jsonl(mpo / "provenance.jsonl", [  # started on one commit, resumed from update 4 on an edited other
+        {"from_update": 0, "num_updates": 6, "code": {"mpo_jax": "0.1.0", "git_commit": "1" * 40, "git_dirty": False}},
+        {"from_update": 4, "num_updates": 6, "code": {"mpo_jax": "0.1.0", "git_commit": "2" * 40, "git_dirty": True}},
+    ])
 
     ppo = tmp_path / "runs" / "ppo run"
     ppo.mkdir(parents=True)
@@ -170,6 +174,8 @@ def test_the_table_numbers_match_the_lines_written(arms):
     # iteration 0 has one 0-5 item, iteration 1 (from update 5) two: scores over 5, then over 10
     assert m["score_fraction_last_mean"] == pytest.approx(np.mean([2.9 / 5, 2.6 / 10, 2.8 / 10]))
     assert any("skipped 1 unreadable line" in problem for problem in m["problems"])  # the torn last line
+    assert m["code"] == [{"first": 1, "last": 4, "commit": "1" * 40, "dirty": False, "version": "0.1.0"},
+                         {"first": 5, "last": 6, "commit": "2" * 40, "dirty": True, "version": "0.1.0"}]
 
     p = record["arms"]["ppo"]
     assert p["updates_done"] == 4 and p["evaluations"] == 2
@@ -178,6 +184,13 @@ def test_the_table_numbers_match_the_lines_written(arms):
     assert p["training_score_last_mean"] == pytest.approx(_score_mean(ppo_lines, 3))  # NaN at update 1 ignored
     assert p["rubric_versions"] == 1 and p["rubric_changes_at"] == []
     assert p["score_fraction_last_mean"] == pytest.approx(np.mean([2.2, 2.5, 2.7]) / 5)
+    assert p["code"] == []  # no provenance.jsonl
+
+    markdown = (arms["out"] / COMPARE_MD).read_text()
+    overview = {row[0]: row for row in _table_rows(markdown, "mpo") + _table_rows(markdown, "ppo")
+                if row[1].endswith(("mpo", "ppo run"))}
+    assert overview["mpo"][3] == "1111111 (1-4), 2222222 (uncommitted changes) (5-6)"
+    assert overview["ppo"][3] == "-"
 
     markdown = (arms["out"] / COMPARE_MD).read_text()
     rows = {(row[0], row[1]): row for row in _table_rows(markdown, "mpo") + _table_rows(markdown, "ppo")

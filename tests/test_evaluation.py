@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tiny import fixture_data_dir
 
+import mpo_jax
 from mpo_jax.evaluation.cli import eval_main, parse_generation_specs
 from mpo_jax.evaluation.elo import EloSummary, Match, elo_ratings, elo_update, expected_score, run_tournament
 from mpo_jax.evaluation.generate import dedupe_rows, read_generations, row_key
@@ -480,6 +481,7 @@ def test_end_to_end_generate_then_elo_with_a_tiny_judge(tiny_run, tmp_path, monk
     assert all(j["winner"] in ("A", "B") for j in judgments)
     elo = json.loads((out / "elo.json").read_text())
     assert elo["judgments"] == 8 and elo["invalid_verdicts"] == 0 and elo["runs"] == 3 and elo["k"] == 4.0
+    assert elo["code"]["mpo_jax"] == mpo_jax.__version__  # which code judged
     assert elo["mean"]["policy"] + elo["mean"]["base"] == pytest.approx(2000.0)  # zero-sum
     policy_wins = sum(j["winner_player"] == "policy" for j in judgments)
     if policy_wins != 4:  # more wins than losses means a rating above the start, in every order

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tiny import fixture_data_dir
 
+import mpo_jax
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.evaluation import repair as bench
 from mpo_jax.evaluation.cli import eval_main, repair_configurations
@@ -395,13 +396,17 @@ def test_a_killed_cli_run_resumes_from_its_last_step(tmp_path, monkeypatch, caps
     assert partial["complete"] is False and [s["step"] for s in partial["configurations"]["logits"]["steps"]] == [0, 1]
 
     monkeypatch.setattr(MetaRewardModel, "meta_step", real_meta_step)
+    newer_code = {"mpo_jax": "9.9.9", "git_commit": "f" * 40, "git_dirty": False}  # resumed after an upgrade
+    monkeypatch.setattr("mpo_jax.evaluation.cli.code_version", lambda: newer_code)
     argv, steps = scripted_cli(monkeypatch, tmp_path, "killed")
     assert eval_main(argv) == 0
     assert steps == [2]  # step 1 is not redone
     assert "resuming" in capsys.readouterr().err
     resumed = json.loads((out / bench.RESULT_FILE).read_text(encoding="utf-8"))
     assert resumed["complete"] is True
-    strip = lambda record: [{k: v for k, v in step.items() if k != "meta"}  # noqa: E731
+    codes = [step["code"] for step in resumed["configurations"]["logits"]["steps"]]
+    assert [c["mpo_jax"] for c in codes] == [mpo_jax.__version__, mpo_jax.__version__, "9.9.9"]
+    strip = lambda record: [{k: v for k, v in step.items() if k not in ("meta", "code")}  # noqa: E731
                             for step in record["configurations"]["logits"]["steps"]]
     assert strip(resumed) == strip(whole)
     assert resumed["table"] == whole["table"]

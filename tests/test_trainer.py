@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from git_files import head_from_git_files
 from tiny import fixture_data_dir
 
+import mpo_jax
 from mpo_jax.engine.compilation import count_compilations
 from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.tasks import get_task
@@ -75,6 +77,11 @@ def test_run_directory_holds_every_artifact(reference_run):
     assert sorted({r["update"] for r in rollouts}) == [1, 2, 3]
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3]
     assert (run / "report" / "report.html").is_file()
+    starts = [json.loads(line) for line in (run / "provenance.jsonl").read_text().splitlines()]
+    assert [(s["from_update"], s["num_updates"]) for s in starts] == [(0, 3)]
+    assert starts[0]["code"]["mpo_jax"] == mpo_jax.__version__
+    assert starts[0]["code"]["git_commit"] == head_from_git_files(ROOT)  # None outside a git checkout
+    assert starts[0]["devices"]["platform"] == "cpu" and starts[0]["devices"]["count"] >= 1
 
 
 def test_a_two_by_two_by_two_mesh_matches_one_device(reference_run, tmp_path, cache_env):
@@ -135,6 +142,8 @@ def test_sigkill_after_the_second_checkpoint_then_resume_matches_an_uninterrupte
         assert after[3][name] == pytest.approx(reference[3][name], rel=1e-4, abs=1e-5), name
     assert RubricHistory.load(run_dir).current.render() == RubricHistory.load(reference_run).current.render()
     assert (run_dir / "rollouts.jsonl").read_text() == (reference_run / "rollouts.jsonl").read_text()
+    starts = [json.loads(line) for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert [s["from_update"] for s in starts] == [0, 2]  # the resume is recorded, not overwritten
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_env):

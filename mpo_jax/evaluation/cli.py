@@ -22,6 +22,7 @@ from typing import Any
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
 from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
 from mpo_jax.fileio import atomic_write_text
+from mpo_jax.provenance import code_version
 
 ELO_FILE = "elo.json"
 JUDGMENTS_FILE = "judgments.jsonl"
@@ -194,7 +195,7 @@ def _run_elo(args: argparse.Namespace) -> int:
                           players=list(players))
     record = {**summary.to_json(), "task": task, "judge": args.judge, "judge_mode": judge.mode,
               "judgments": len(judgments), "invalid_verdicts": invalid,
-              "position_consistency": position_consistency(judgments)}
+              "position_consistency": position_consistency(judgments), "code": code_version()}
     (out / ELO_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = results_table(elo_cells(summary))
     (out / TABLE_FILE).write_text(table, encoding="utf-8")
@@ -284,6 +285,7 @@ def _run_repair(args: argparse.Namespace) -> int:
                                                          for name, steps in runs.items() if steps) or "no steps yet"),
               file=sys.stderr)
 
+    code = code_version()
     judge_model = model(args.judge, "--judge")
     mrm = MetaRewardModel(model(args.meta_model or args.judge, "--meta-model"), task=task,
                           num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
@@ -322,7 +324,7 @@ def _run_repair(args: argparse.Namespace) -> int:
             write_results()
 
         bench.repair(judge, mrm, rubric, rows, meta_steps=args.meta_steps, seed=args.seed,
-                     batch_size=args.batch_size, done=done, on_step=save,
+                     batch_size=args.batch_size, done=done, on_step=save, code=code,
                      progress=lambda m, n=config.name: print(f"{n}: {m}", file=sys.stderr))
     table = write_results()
     sys.stdout.write(table)

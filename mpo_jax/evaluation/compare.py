@@ -7,8 +7,10 @@ axes. This writes into OUT: `training_score.png` (raw, and as a fraction of the 
 force allows, comparable across rewritten rubrics), `independent_score.png`, `hacks.png` (every arm
 on one axis, each arm's accepted rubric changes as vertical lines in its colour), `compare.md`,
 `compare.json` (the table's numbers) and `rubrics/<arm>/rubric_iter_N.txt` (copies of each arm's
-rubric versions). The first arm is the reference of a paired table: at each evaluation, every other
-arm's independent score minus the reference's on the same held-out prompt, with its standard error.
+rubric versions). The arms table says which code ran which updates (the git commit of each
+start and resume, from `provenance.jsonl`; "-" for runs that predate it). The first arm is the
+reference of a paired table: at each evaluation, every other arm's independent score minus the
+reference's on the same held-out prompt, with its standard error.
 
 Arms may be unfinished (one still running): `metrics.jsonl` and `eval_samples.jsonl` are read
 leniently, a torn or unreadable line is skipped and noted. Lines that share an update are merged
@@ -37,6 +39,7 @@ import numpy as np
 
 from mpo_jax.errors import InvalidValueError, MissingDependencyError
 from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient
+from mpo_jax.provenance import CodeRange, code_ranges, format_code_ranges
 from mpo_jax.rubric import Rubric, ScaleError, item_scale
 from mpo_jax.train.metrics import decode_value, encode_value, markdown_fence
 from mpo_jax.train.report import markdown_text
@@ -201,7 +204,9 @@ def summarize_arm(arm: Arm, smooth: int) -> dict[str, Any]:
     scores = scores[np.isfinite(scores)]
     fractions = _series(arm, SCORE_FRACTION)[1][-smooth:]
     fractions = fractions[np.isfinite(fractions)]
-    return {"run_dir": str(arm.run.run_dir), "updates_done": max(trained, default=0),
+    updates_done = max(trained, default=0)
+    code = [dataclasses.asdict(span) for span in code_ranges(arm.run.provenance, updates_done)]
+    return {"run_dir": str(arm.run.run_dir), "updates_done": updates_done, "code": code,
             "training_score_last_mean": float(scores.mean()) if scores.size else None,
             "score_fraction_last_mean": float(fractions.mean()) if fractions.size else None,
             "evaluations": len(evals), "first_eval": _eval_summary(evals[0] if evals else None),
@@ -404,7 +409,9 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
                     copies: Mapping[str, list[tuple[int, Path]]], out: Path, *, smooth: int, example_index: int,
                     text_limit: int) -> str:
     """compare.md: arm table, evaluation table, plots, example outputs, rubric versions, notes."""
-    overview = [(arm.name, s["run_dir"], _cell(s["updates_done"]), _cell(s["training_score_last_mean"]),
+    overview = [(arm.name, s["run_dir"], _cell(s["updates_done"]),
+                 format_code_ranges([CodeRange(**span) for span in s["code"]]),
+                 _cell(s["training_score_last_mean"]),
                  _cell(s["score_fraction_last_mean"]), _cell(s["evaluations"]), _cell(s["rubric_versions"]),
                  ", ".join(map(str, s["rubric_changes_at"])) or "none")
                 for arm in arms for s in [summaries[arm.name]]]
@@ -432,7 +439,7 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
     parts = [
         "# Experiment comparison",
         "## Arms",
-        _table(("arm", "run dir", "updates done", f"training score, mean of last {smooth}",
+        _table(("arm", "run dir", "updates done", "code (updates)", f"training score, mean of last {smooth}",
                 "as a fraction of the rubric's range", "evaluations", "rubric versions", "new rubric at updates"),
                overview),
         "## Held-out evaluations",

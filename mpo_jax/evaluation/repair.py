@@ -267,6 +267,7 @@ class StepReport:
     mean_score: dict[str, float]
     meta: dict[str, Any] | None = None  # the meta step that led here (None for step 0)
     rationales: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # the judge's, per row
+    code: dict[str, Any] | None = None  # `provenance.code_version()` of the process that measured this step
 
     @property
     def mean_accuracy(self) -> float:
@@ -277,7 +278,8 @@ class StepReport:
                 "rubric_items": list(self.rubric.items), "rubric_parent": self.rubric.parent,
                 "rubric_created_step": self.rubric.created_step,
                 "accuracy": self.accuracy, "mean_accuracy": self.mean_accuracy, "mean_score": self.mean_score,
-                "meta": self.meta, "scores": self.scores, "rationales": [list(r) for r in self.rationales]}
+                "meta": self.meta, "scores": self.scores, "rationales": [list(r) for r in self.rationales],
+                "code": self.code}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], rows: Sequence[LabelledRow], task: str | None = None) -> StepReport:
@@ -293,19 +295,23 @@ class StepReport:
         if len(scores) != len(rows) or len(rationales) != len(rows):
             raise InvalidValueError(f"saved repair step {data.get('step')!r} holds {len(scores)} scores for "
                                     f"{len(rows)} labelled responses; delete repair.json or pass a new --out")
-        return _report(int(data["step"]), rubric, rows, scores, data.get("meta"), rationales)
+        code = data.get("code")
+        return _report(int(data["step"]), rubric, rows, scores, data.get("meta"), rationales,
+                       dict(code) if isinstance(code, Mapping) else None)
 
 
 def _report(step: int, rubric: Rubric, rows: Sequence[LabelledRow], scores: list[float],
-            meta: dict[str, Any] | None, rationales: Sequence[tuple[str, ...]] = ()) -> StepReport:
+            meta: dict[str, Any] | None, rationales: Sequence[tuple[str, ...]] = (),
+            code: Mapping[str, Any] | None = None) -> StepReport:
     return StepReport(step, rubric, scores, pairwise_accuracy(rows, scores), mean_scores(rows, scores), meta,
-                      list(rationales))
+                      list(rationales), None if code is None else dict(code))
 
 
 def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[LabelledRow], *, meta_steps: int = 2,
            seed: int = 0, batch_size: int = 16, done: Sequence[StepReport] = (),
            on_step: Callable[[list[StepReport]], None] | None = None,
-           progress: Callable[[str], None] | None = None) -> list[StepReport]:
+           progress: Callable[[str], None] | None = None, code: Mapping[str, Any] | None = None
+           ) -> list[StepReport]:
     """Score the set, then `meta_steps` times: meta step on the scored set, install, re-score.
 
     The buffer given to the MRM is every row of the set with its current score (and the judge's
@@ -314,7 +320,8 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
     seeded with (`seed`, k), so configurations scored alike select alike and a resumed run
     selects as an uninterrupted one. `done`: the reports of an interrupted run (steps 0..n), which
     continues from step n + 1 with their rubric, scores and rationales; `on_step` receives the
-    reports so far after every step (for saving).
+    reports so far after every step (for saving). `code` (`provenance.code_version()`) is stamped
+    on each step measured here, so a run resumed on newer code says which steps ran where.
     """
     from mpo_jax.reward.meta import MetaSample
 
@@ -333,7 +340,7 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
     else:
         judge.set_rubric(rubric)
         scores, rationales = score_rows(judge, rows, batch_size)
-        reports.append(_report(0, rubric, rows, scores, None, rationales))
+        reports.append(_report(0, rubric, rows, scores, None, rationales, code))
         save(reports)
         say(f"step 0: mean pairwise accuracy {reports[-1].mean_accuracy:.3f}")
     for step in range(len(reports), meta_steps + 1):
@@ -351,7 +358,7 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
             else:
                 rubric, meta["installed"] = result.rubric, True
                 scores, rationales = score_rows(judge, rows, batch_size)
-        reports.append(_report(step, rubric, rows, list(scores), meta, rationales))
+        reports.append(_report(step, rubric, rows, list(scores), meta, rationales, code))
         save(reports)
         say(f"step {step}: {'accepted' if result.accepted else 'kept'} ({meta['reason']}); mean pairwise "
             f"accuracy {reports[-1].mean_accuracy:.3f}")

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from mpo_jax.errors import InvalidValueError, MpoError
 from mpo_jax.fileio import atomic_write_text
+from mpo_jax.provenance import code_ranges, format_code_ranges
 from mpo_jax.rubric import Rubric, diff
 from mpo_jax.train.metrics import markdown_fence
 from mpo_jax.train.report_data import (
@@ -146,6 +147,7 @@ def _overview(run: RunData, markers: MetaMarkers) -> list[Block]:
     rows = [
         ("run dir", str(run.run_dir)),
         ("updates recorded", f"{len(updates)}" + (f" ({updates[0]} to {updates[-1]})" if updates else "")),
+        ("code (updates)", format_code_ranges(code_ranges(run.provenance, max(updates, default=0)))),
         ("rubric versions", str(len(run.versions))),
         ("new rubrics accepted at updates", ", ".join(map(str, markers.accepted)) or "none"),
         ("meta steps that kept the rubric", ", ".join(map(str, markers.kept)) or "none"),

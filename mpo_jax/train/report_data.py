@@ -1,6 +1,6 @@
 """What the run report reads from a run directory: config, metrics, rubric versions, meta steps, rollouts.
 
-Optional pieces (rubric history, meta evaluations, rollouts, a metric) may be missing or
+Optional pieces (rubric history, meta evaluations, rollouts, provenance, a metric) may be missing or
 unreadable: they are left empty and `RunData.problems` says why, so that the report of a
 half-finished run still renders. A folder with neither `metrics.jsonl` nor `config.json` is not a
 run dir and raises `ReportError`. File names and patterns come from `train/run_dir.py`.
@@ -28,8 +28,10 @@ from mpo_jax.train.run_dir import (
     HISTORY_FILE,
     META_EVALUATION_RE,
     METRICS_FILE,
+    PROVENANCE_FILE,
     ROLLOUTS_FILE,
     RUBRIC_FILE_RE,
+    read_provenance,
 )
 
 __all__ = ["MetaMarkers", "ReportError", "RunData", "is_number", "load_run", "meta_markers", "metric_series"]
@@ -51,6 +53,7 @@ class RunData:
     meta_evaluations: tuple[tuple[int, dict[str, Any]], ...]  # (update, meta_evaluation_{update}.json), by update
     rollouts: tuple[dict[str, Any], ...]
     problems: tuple[str, ...] = ()
+    provenance: tuple[dict[str, Any], ...] = ()  # one row per start or resume (`mpo_jax/provenance.py`)
 
 
 def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
@@ -129,9 +132,13 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             problems.append(f"{METRICS_FILE} could not be read: {err}")
     config = _read_config(root / CONFIG_FILE, problems)
     versions, events = _read_rubrics(root, problems)
+    provenance, bad = read_provenance(root)
+    if bad:
+        problems.append(f"{PROVENANCE_FILE}: skipped {bad} line(s) that are not JSON objects")
     return RunData(run_dir=root, config=config, metrics=tuple(metrics), versions=versions, events=events,
                    meta_evaluations=_read_meta_evaluations(root, problems),
-                   rollouts=_read_rollouts(root / ROLLOUTS_FILE, problems), problems=tuple(problems))
+                   rollouts=_read_rollouts(root / ROLLOUTS_FILE, problems), problems=tuple(problems),
+                   provenance=tuple(provenance))
 
 
 # -- series and markers ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
     RUN_DIR/
       config.json                  the run's TrainConfig, written when the run starts
+      provenance.jsonl             one row per start or resume: from which update, on which code
+                                   (version, git commit) and devices (`mpo_jax/provenance.py`)
       metrics.jsonl, tensorboard/  per-update metrics (`train/metrics.py`)
       rollouts.jsonl               example rollouts of every update
       eval_samples.jsonl           held-out evaluation samples (`train/evaluator.py`)
@@ -31,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
-from mpo_jax.fileio import atomic_write_text, truncate_jsonl_after
+from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient, truncate_jsonl_after
+from mpo_jax.provenance import start_record
 from mpo_jax.reward.rubric_history import HISTORY_FILE
 from mpo_jax.train.evaluator import EVAL_SAMPLES_FILE
 from mpo_jax.train.evaluator import truncate_rows as truncate_eval_rows
@@ -47,12 +50,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINTS_DIR", "CONFIG_FILE", "EVAL_SAMPLES_FILE", "HISTORY_FILE", "METRICS_FILE", "META_EVALUATION_RE",
-    "REPORT_DIR", "ROLLOUTS_FILE", "RUBRIC_FILE_RE", "RestoredPolicy", "RunDirError", "RunLocation",
+    "PROVENANCE_FILE", "REPORT_DIR", "ROLLOUTS_FILE", "RUBRIC_FILE_RE", "RestoredPolicy", "RunDirError", "RunLocation",
     "checkpoint_directory", "device_mesh", "discard_after", "find_run", "is_run_dir", "load_run_config",
-    "locate_run", "open_checkpointer", "restore_checkpoint", "restore_policy", "write_config",
+    "locate_run", "open_checkpointer", "read_provenance", "record_start", "restore_checkpoint", "restore_policy",
+    "write_config",
 ]
 
 CONFIG_FILE = "config.json"
+PROVENANCE_FILE = "provenance.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_DIR = "report"
@@ -172,6 +177,20 @@ def write_config(run_dir: str | os.PathLike[str], config: TrainConfig) -> None:
     from mpo_jax.train.config import to_dict
 
     atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def record_start(run_dir: str | os.PathLike[str], from_update: int, num_updates: int,
+                 devices: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Append this start's provenance row (never rewritten: a resume adds a row, it does not replace one)."""
+    row = start_record(from_update, num_updates, devices=devices)
+    with (Path(run_dir) / PROVENANCE_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
+
+
+def read_provenance(run_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
+    """(rows, lines that were not JSON objects); no rows for runs written before provenance was recorded."""
+    return read_jsonl_lenient(Path(run_dir) / PROVENANCE_FILE)
 
 
 # -- files of updates that a resumed run redoes ---------------------------------------------------

@@ -10,6 +10,7 @@
         every meta.interval updates but the last: rubric <- meta step (MRM, compiled separately);
             judge.set_rubric (after update N no update would use the new rubric)
         checkpoint every checkpoint.every updates and on SIGTERM
+    (every start and resume appends its code version and devices to provenance.jsonl)
 
 Randomness is derived from (seed, update), so a resumed run repeats exactly what the
 uninterrupted run would have done. Only process 0 writes files; all processes run the same
@@ -64,9 +65,15 @@ from mpo_jax.train.model_specs import (
     install_policy_params,
 )
 from mpo_jax.train.rollout import Rollouts, sample_rollouts
-from mpo_jax.train.run_dir import ROLLOUTS_FILE, discard_after, open_checkpointer, write_config
+from mpo_jax.train.run_dir import ROLLOUTS_FILE, discard_after, open_checkpointer, record_start, write_config
 
 _LOG = logging.getLogger(__name__)
+
+
+def _device_summary() -> dict[str, Any]:
+    devices = jax.devices()
+    return {"platform": jax.default_backend(), "kind": devices[0].device_kind, "count": len(devices),
+            "processes": jax.process_count()}
 
 
 def check_resources(config: TrainConfig) -> None:
@@ -428,6 +435,7 @@ class Trainer:
             # reached its first checkpoint) describe updates that will be redone.
             discard_after(self.run_dir, self.update, self.history.current.iteration)
             self.history.save(self.run_dir)
+            record_start(self.run_dir, self.update, cfg.num_updates, devices=_device_summary())
         # A run that starts from scratch redoes the evaluation before its first update (update 0).
         writer = MetricsWriter(self.run_dir, enabled=self.is_main, resume_from_update=self.update + 1 if self.update
                                else 0,
