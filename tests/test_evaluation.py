@@ -4,6 +4,7 @@ both-order judging, and a tiny end to end run (train -> generate from the run ->
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -515,3 +516,62 @@ def test_generate_split_argument_errors(tmp_path, monkeypatch):
         generate_split("tiny-random", "essay", limit=1, update=3)
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         generate_split("tiny-random", "essay", limit=1, data_dir=tmp_path)
+
+
+def _essay_generations(path: Path, responses: Sequence[str]) -> Path:
+    records = json.loads((Path(__file__).parent / "fixtures" / "tasks_samples.json").read_text())["essay"]["records"]
+    rows = [{"index": i, "task": "essay", "record": {**records[i % len(records)], "id": f"p{i}"}, "response": text}
+            for i, text in enumerate(responses)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_a_killed_elo_tournament_resumes_and_rejudges_only_what_changed(tmp_path, monkeypatch, capsys):
+    from mpo_jax.evaluation.pairwise import PairwiseJudge
+
+    files = {name: _essay_generations(tmp_path / f"{name}.jsonl", [f"{name} answer {i}." for i in range(3)])
+             for name in ("a", "b", "c")}
+    out = tmp_path / "elo"
+    argv = ["elo", *(f"{name}={path}" for name, path in files.items()), "--judge", "tiny-random", "--judge-mode",
+            "logits", "--runs", "2", "--out", str(out)]
+    compared = []  # (x, y) of every pair the judge model is asked about
+    real_compare = PairwiseJudge.compare
+
+    def counting_compare(self, keys, records, x, responses_x, y, responses_y):
+        compared.append((x, y))
+        return real_compare(self, keys, records, x, responses_x, y, responses_y)
+
+    def killed_at_the_second_pair(self, keys, records, x, responses_x, y, responses_y):
+        if compared:
+            raise KeyboardInterrupt
+        return counting_compare(self, keys, records, x, responses_x, y, responses_y)
+
+    monkeypatch.setattr(PairwiseJudge, "compare", killed_at_the_second_pair)
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(argv)
+    assert compared == [("a", "b")]
+    saved = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert sorted((j["first"], j["second"]) for j in saved) == sorted([("a", "b"), ("b", "a")] * 3)
+    assert not (out / "elo.json").exists()
+
+    monkeypatch.setattr(PairwiseJudge, "compare", counting_compare)
+    compared.clear()
+    assert eval_main(argv) == 0
+    assert compared == [("a", "c"), ("b", "c")]  # the saved pair is not judged again
+    assert "reused 6 judgments" in capsys.readouterr().err
+    resumed = (out / "judgments.jsonl").read_text()
+
+    uninterrupted = tmp_path / "uninterrupted"
+    compared.clear()
+    assert eval_main([*argv[:-1], str(uninterrupted)]) == 0
+    assert len(compared) == 3
+    assert resumed == (uninterrupted / "judgments.jsonl").read_text()
+    assert json.loads((out / "elo.json").read_text())["mean"] == json.loads(
+        (uninterrupted / "elo.json").read_text())["mean"]
+
+    compared.clear()  # b regenerated one answer: only b's pairs are judged again
+    _essay_generations(files["b"], ["b answer 0.", "b answer 1, rewritten.", "b answer 2."])
+    assert eval_main(argv) == 0
+    assert compared == [("a", "b"), ("b", "c")]
+    compared.clear()  # another judge: everything again
+    assert eval_main([*argv, "--judge-seed", "7"]) == 0 and len(compared) == 3

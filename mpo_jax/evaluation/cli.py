@@ -1,5 +1,6 @@
 """`mpo-jax eval`: `generate` (model or run -> JSONL), `score` (task metrics of generation files),
-`elo` (pairwise-judge tournament over generation files -> ratings, table and plot), `repair` (the
+`elo` (pairwise-judge tournament over generation files -> ratings, table and plot; saved after every
+pair, so rerunning a killed tournament judges only the pairs it lacks), `repair` (the
 rubric-repair benchmark) and `compare` (the arms of an experiment side by side, from their run dirs).
 
     mpo-jax eval generate --model runs/essay_mpo --task essay --limit 500 --out gen/mpo.jsonl
@@ -21,7 +22,7 @@ from typing import Any
 
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError, MpoError
 from mpo_jax.evaluation.elo import DEFAULT_K, DEFAULT_RUNS, DEFAULT_START
-from mpo_jax.fileio import atomic_write_text
+from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient
 from mpo_jax.provenance import code_version
 
 ELO_FILE = "elo.json"
@@ -167,6 +168,22 @@ def build_judge_model(args: argparse.Namespace) -> Any:
     return build_model(spec, device_mesh(_mesh(args.mesh)))
 
 
+def _judgment_id(judgment: Any) -> tuple[str, str, str, str | None]:
+    return judgment.key, judgment.first, judgment.second, judgment.fingerprint
+
+
+def _saved_judgments(path: Path) -> list[Any]:
+    """Judgments an earlier (possibly killed) run saved; rows that are not judgments are ignored."""
+    from mpo_jax.evaluation.pairwise import Judgment
+
+    rows, _ = read_jsonl_lenient(path)
+    return [j for j in map(Judgment.from_json, rows) if j is not None]
+
+
+def _write_judgments(path: Path, judgments: Sequence[Any]) -> None:
+    atomic_write_text(path, "".join(json.dumps(j.to_json(), ensure_ascii=False) + "\n" for j in judgments))
+
+
 def _run_elo(args: argparse.Namespace) -> int:
     from mpo_jax.evaluation.elo import elo_ratings
     from mpo_jax.evaluation.generate import row_key
@@ -179,13 +196,25 @@ def _run_elo(args: argparse.Namespace) -> int:
     task = resolve_task(args.task, players)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _saved_judgments(out / JUDGMENTS_FILE)
     judge = PairwiseJudge(build_judge_model(args), task, mode=args.judge_mode, batch_size=args.batch_size,
-                          max_response_words=args.max_response_words)
+                          max_response_words=args.max_response_words,
+                          identity=f"{args.base_url}|{args.judge}" if args.base_url
+                          else f"{args.judge}|{args.dtype}|weights seed {args.judge_seed}")
     keyed = {name: {row_key(row): row for row in rows} for name, rows in players.items()}
-    judgments = judge_all_pairs(keyed, judge, prompts_per_pair=args.prompts_per_pair, seed=args.seed)
-    with (out / JUDGMENTS_FILE).open("w", encoding="utf-8") as handle:
-        for judgment in judgments:
-            handle.write(json.dumps(judgment.to_json(), ensure_ascii=False) + "\n")
+    so_far: list[Any] = []
+
+    def save_pair(pair: list[Any]) -> None:  # a killed tournament keeps every pair judged so far
+        so_far.extend(pair)
+        current = {_judgment_id(j) for j in so_far}
+        _write_judgments(out / JUDGMENTS_FILE, so_far + [j for j in earlier if _judgment_id(j) not in current])
+
+    judgments = judge_all_pairs(keyed, judge, prompts_per_pair=args.prompts_per_pair, seed=args.seed,
+                                earlier=earlier, on_pair=save_pair)
+    reused = len(judgments) - judge.calls
+    if reused:
+        print(f"reused {reused} judgments saved by an earlier run in {out / JUDGMENTS_FILE}", file=sys.stderr)
+    _write_judgments(out / JUDGMENTS_FILE, judgments)
     matches = [m for m in (j.to_match() for j in judgments) if m is not None]
     invalid = len(judgments) - len(matches)
     if not matches:

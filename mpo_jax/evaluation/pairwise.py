@@ -9,11 +9,18 @@ also gives P(A)), or a remote OpenAI-compatible `RemoteChatModel` (`mode="remote
 The prompt is this project's wording, filled with `fill` (single-pass substitution); responses
 go between marker lines with marker look-alikes neutralised, and the judge is told to ignore
 instructions inside them. Replies are only matched against "A" / "B", never interpreted.
+
+A tournament can be long (a 1.5B judge on 2 CPU cores takes ~15 s per judgment), so each judgment
+carries a fingerprint of exactly what was judged (the judge's identity and mode, and the chat the
+judge saw), and `judge_all_pairs` reuses earlier judgments whose fingerprints match: a killed run
+resumes, and a regenerated player or another judge is judged afresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +73,7 @@ class Judgment:
     second: str
     winner: str | None
     prob_a: float | None = None
+    fingerprint: str | None = None  # `PairwiseJudge.fingerprint` of the chat judged
 
     @property
     def winner_player(self) -> str | None:
@@ -79,7 +87,18 @@ class Judgment:
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "first": self.first, "second": self.second, "winner": self.winner,
-                "winner_player": self.winner_player, "prob_a": self.prob_a}
+                "winner_player": self.winner_player, "prob_a": self.prob_a, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Judgment | None:
+        """A judgment written by `to_json`, or None when the row is not one (it is then judged again)."""
+        key, first, second, winner = (data.get(k) for k in ("key", "first", "second", "winner"))
+        prob_a, fingerprint = data.get("prob_a"), data.get("fingerprint")
+        if not all(isinstance(v, str) for v in (key, first, second, fingerprint)) or winner not in (*OPTIONS, None):
+            return None
+        if prob_a is not None and not (isinstance(prob_a, int | float) and not isinstance(prob_a, bool)):
+            return None
+        return cls(key, first, second, winner, None if prob_a is None else float(prob_a), fingerprint)
 
 
 def _truncate(text: str, max_words: int | None) -> str:
@@ -93,7 +112,7 @@ class PairwiseJudge:
     """Asks `model` which of two responses is better; `calls` counts the judged (ordered) pairs."""
 
     def __init__(self, model: Any, task: str | Task, *, mode: str = "auto", batch_size: int = 8,
-                 max_response_words: int | None = None):
+                 max_response_words: int | None = None, identity: str = ""):
         from mpo_jax.engine.language_model import LanguageModel
 
         self.task = get_task(task) if isinstance(task, str) else task
@@ -114,6 +133,7 @@ class PairwiseJudge:
             raise InvalidValueError(f"max_response_words must be positive (or None), got {max_response_words!r}")
         self.model = model
         self.mode = mode
+        self.identity = identity  # names the judge model in fingerprints (e.g. its preset or path)
         self.batch_size = batch_size
         self.max_response_words = max_response_words
         self.calls = 0
@@ -135,6 +155,12 @@ class PairwiseJudge:
                            ("Response B", _truncate(response_b, self.max_response_words))])
         return [{"role": "system", "content": fill(PAIRWISE_SYSTEM, criteria=criteria)},
                 {"role": "user", "content": fill(PAIRWISE_USER, material=material)}]
+
+    def fingerprint(self, record: Record, response_a: str, response_b: str) -> str:
+        """SHA-256 of what decides a verdict: the judge's identity and mode, and the chat it is shown."""
+        blob = json.dumps([self.identity, self.mode, self.messages(record, response_a, response_b)], sort_keys=True,
+                          ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     # -- one order -------------------------------------------------------------------------------
     def judge(self, records: Sequence[Record], responses_a: Sequence[str], responses_b: Sequence[str]
@@ -214,9 +240,9 @@ class PairwiseJudge:
         forward = self.judge(records, responses_x, responses_y)
         backward = self.judge(records, responses_y, responses_x)
         out = []
-        for key, f, b in zip(keys, forward, backward):
-            out.append(Judgment(key, x, y, f.winner, f.prob_a))
-            out.append(Judgment(key, y, x, b.winner, b.prob_a))
+        for key, record, rx, ry, f, b in zip(keys, records, responses_x, responses_y, forward, backward, strict=True):
+            out.append(Judgment(key, x, y, f.winner, f.prob_a, self.fingerprint(record, rx, ry)))
+            out.append(Judgment(key, y, x, b.winner, b.prob_a, self.fingerprint(record, ry, rx)))
         return out
 
 
@@ -226,15 +252,21 @@ def common_keys(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], x: s
 
 
 def judge_all_pairs(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], judge: PairwiseJudge, *,
-                    prompts_per_pair: int | None = None, seed: int = 0) -> list[Judgment]:
+                    prompts_per_pair: int | None = None, seed: int = 0, earlier: Sequence[Judgment] = (),
+                    on_pair: Callable[[list[Judgment]], None] | None = None) -> list[Judgment]:
     """Every pair of players on their shared prompts (a random `prompts_per_pair` of them if given), in
-    both orders. `generations` maps player -> {prompt key: generation row}."""
+    both orders. `generations` maps player -> {prompt key: generation row}.
+
+    `earlier`: judgments of an earlier run. A pair whose every judgment is among them, with the
+    fingerprint this judge computes now, is not judged again. `on_pair` receives each pair's
+    judgments as soon as they exist (for saving as the tournament goes)."""
     players = list(generations)
     if len(players) < 2:
         raise InvalidValueError(f"a tournament needs at least two players, got {players}")
     if prompts_per_pair is not None and prompts_per_pair < 1:
         raise InvalidValueError(f"prompts_per_pair must be positive (or None for all), got {prompts_per_pair!r}")
     rng = np.random.default_rng(seed)
+    saved = {(j.key, j.first, j.second, j.fingerprint): j for j in earlier}
     judgments: list[Judgment] = []
     for i, x in enumerate(players):
         for y in players[i + 1:]:
@@ -244,9 +276,18 @@ def judge_all_pairs(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], 
             if prompts_per_pair is not None and prompts_per_pair < len(keys):
                 keys = [keys[j] for j in sorted(rng.choice(len(keys), prompts_per_pair, replace=False))]
             rows_x, rows_y = generations[x], generations[y]
-            judgments += judge.compare(keys, [rows_x[k]["record"] for k in keys], x,
-                                       [rows_x[k]["response"] for k in keys], y,
-                                       [rows_y[k]["response"] for k in keys])
+            records = [rows_x[k]["record"] for k in keys]
+            responses_x, responses_y = [rows_x[k]["response"] for k in keys], [rows_y[k]["response"] for k in keys]
+            wanted = [(k, first, second, judge.fingerprint(r, a, b))
+                      for k, r, rx, ry in zip(keys, records, responses_x, responses_y, strict=True)
+                      for first, second, a, b in ((x, y, rx, ry), (y, x, ry, rx))]
+            if all(w in saved for w in wanted):
+                pair = [saved[w] for w in wanted]
+            else:
+                pair = judge.compare(keys, records, x, responses_x, y, responses_y)
+            if on_pair is not None:
+                on_pair(pair)
+            judgments += pair
     return judgments
 
 
