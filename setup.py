@@ -42,6 +42,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["mpo_jax", "mpo_jax.*"]) + ["mpo_jax.models"],
     package_dir={"mpo_jax.models": "models"},
+    package_data={"mpo_jax": ["git_commit.txt"]},  # the commit, in a `git archive` of the checkout
     install_requires=CORE,
     extras_require={"test": TEST, "parity": TEST + PARITY, "tpu": TPU, "demo": []},
     entry_points={"console_scripts": ["mpo-jax=mpo_jax.cli:main"]},

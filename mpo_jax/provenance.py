@@ -4,12 +4,19 @@ A run that is stopped and resumed may finish on different code than it started w
 landed in between). The trainer appends one `start_record` per start to the run dir's
 `provenance.jsonl`; `code_ranges` turns those rows into "updates a-b ran at commit c", which
 `eval compare` and the report print, so every figure can be traced to the code behind it.
+
+The commit is read with git only when the package runs from the checkout's own tree (an
+editable install or PYTHONPATH); an installed copy inside some other repository is not that
+repository's HEAD. A `git archive` of the checkout (how `tpu_scripts/tpu.py --archive` ships it)
+carries the commit in `mpo_jax/git_commit.txt` (`export-subst` in .gitattributes).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import platform
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -20,6 +27,8 @@ from typing import Any
 __all__ = ["CodeRange", "code_ranges", "code_version", "format_code_ranges", "git_state", "start_record"]
 
 _GIT_TIMEOUT_S = 10.0
+_ARCHIVE_COMMIT_FILE = Path(__file__).resolve().parent / "git_commit.txt"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -34,15 +43,28 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def git_state(root: str | Path) -> tuple[str | None, bool | None]:
-    """(commit, has uncommitted changes to tracked files) of the checkout holding `root`; (None, None) outside one."""
+def git_state(root: str | Path, *, require_top: bool = False) -> tuple[str | None, bool | None, str | None]:
+    """(commit, has uncommitted changes to tracked files, SHA-256 of `git diff HEAD` when it has) of
+    the checkout holding `root`; all None outside one, or, with `require_top`, when `root` is not
+    the checkout's top folder."""
     root = Path(root)
     top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None:
-        return None, None
+    if top is None or (require_top and Path(top).resolve() != root.resolve()):
+        return None, None, None
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return commit, (None if status is None else bool(status))
+    dirty = None if status is None else bool(status)
+    diff = _git(root, "diff", "HEAD") if dirty else None
+    return commit, dirty, (hashlib.sha256(diff.encode("utf-8")).hexdigest() if diff is not None else None)
+
+
+def _archive_commit() -> str | None:
+    """The commit `git archive` wrote into git_commit.txt; None in a checkout (the placeholder is unexpanded)."""
+    try:
+        text = _ARCHIVE_COMMIT_FILE.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text if _COMMIT.match(text) else None
 
 
 def code_version(root: str | Path | None = None) -> dict[str, Any]:
@@ -54,9 +76,12 @@ def code_version(root: str | Path | None = None) -> dict[str, Any]:
     import mpo_jax
 
     package_root = Path(mpo_jax.__file__).resolve().parent.parent if root is None else Path(root)
-    commit, dirty = git_state(package_root)
-    return {"mpo_jax": mpo_jax.__version__, "git_commit": commit, "git_dirty": dirty, "jax": jax.__version__,
-            "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version()}
+    commit, dirty, diff_sha = git_state(package_root, require_top=True)
+    if commit is None:
+        commit = _archive_commit()
+    return {"mpo_jax": mpo_jax.__version__, "git_commit": commit, "git_dirty": dirty, "git_diff_sha256": diff_sha,
+            "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "python": platform.python_version()}
 
 
 def start_record(from_update: int, num_updates: int, *, code: Mapping[str, Any] | None = None,
@@ -72,13 +97,14 @@ def start_record(from_update: int, num_updates: int, *, code: Mapping[str, Any] 
 
 @dataclass(frozen=True)
 class CodeRange:
-    """Updates `first`..`last` (inclusive) were run by this code."""
+    """Updates `first`..`last` (inclusive) were run by this code (all None: not recorded)."""
 
     first: int
     last: int
     commit: str | None
     dirty: bool | None
     version: str | None
+    diff_sha256: str | None = None  # of the uncommitted changes, so two different edits are two ranges
 
     @property
     def label(self) -> str:
@@ -86,40 +112,48 @@ class CodeRange:
             return self.commit[:7] + (" (uncommitted changes)" if self.dirty else "")
         return f"mpo-jax {self.version}, no git commit" if self.version else "unknown code"
 
+    def same_code(self, other: CodeRange) -> bool:
+        return (self.commit, self.dirty, self.version, self.diff_sha256) == (
+            other.commit, other.dirty, other.version, other.diff_sha256)
+
+
+def _span(first: int, last: int, code: Any) -> CodeRange:
+    code = code if isinstance(code, Mapping) else {}
+    commit, dirty, version, diff = (code.get(k) for k in ("git_commit", "git_dirty", "mpo_jax", "git_diff_sha256"))
+    return CodeRange(first, last, commit if isinstance(commit, str) else None,
+                     dirty if isinstance(dirty, bool) else None, version if isinstance(version, str) else None,
+                     diff if isinstance(diff, str) else None)
+
 
 def code_ranges(rows: Sequence[Mapping[str, Any]], updates_done: int) -> list[CodeRange]:
-    """Which start ran which updates. A start from update k ran k+1 onwards, until the next start
-    redid everything after its own checkpoint; consecutive ranges on the same code are merged.
-    Malformed rows are skipped."""
-    starts = []
-    for row in rows:
-        code, start = row.get("code"), row.get("from_update")
-        if isinstance(code, Mapping) and isinstance(start, int) and not isinstance(start, bool) and start >= 0:
-            starts.append((start, code))
+    """Which start ran which updates, for the first `updates_done` updates.
+
+    A start from update k runs k+1 onwards, and every update after k that an earlier start ran is
+    redone (the files of those updates are discarded on resume). Consecutive ranges on the same
+    code are merged. A row whose code is unreadable, and the updates before the first row (a run
+    begun before provenance was recorded), give "unknown code" ranges; rows without a valid
+    `from_update` are skipped. No rows at all: an empty list."""
+    starts = [(row["from_update"], row.get("code")) for row in rows
+              if isinstance(row.get("from_update"), int) and not isinstance(row.get("from_update"), bool)
+              and row["from_update"] >= 0]
+    if not starts:
+        return []
+    if starts[0][0] > 0:
+        starts.insert(0, (0, None))
     ranges: list[CodeRange] = []
     for i, (start, code) in enumerate(starts):
-        end = starts[i + 1][0] if i + 1 < len(starts) else updates_done
-        end = min(end, updates_done)
+        ranges = [CodeRange(r.first, min(r.last, start), r.commit, r.dirty, r.version, r.diff_sha256)
+                  for r in ranges if r.first <= start]  # what this start redoes is no longer the earlier code's
+        end = min(starts[i + 1][0] if i + 1 < len(starts) else updates_done, updates_done)
         if end <= start:
             continue  # superseded before it finished an update that was kept
-        commit, dirty, version = code.get("git_commit"), code.get("git_dirty"), code.get("mpo_jax")
-        span = CodeRange(start + 1, end, commit if isinstance(commit, str) else None,
-                         dirty if isinstance(dirty, bool) else None, version if isinstance(version, str) else None)
-        # Keep only the part not redone later: a later start from an earlier update overrides it.
-        ranges = [r for r in (_clip(r, start) for r in ranges) if r is not None]
-        if ranges and (ranges[-1].commit, ranges[-1].dirty, ranges[-1].version) == (span.commit, span.dirty,
-                                                                                      span.version):
-            ranges[-1] = CodeRange(ranges[-1].first, span.last, span.commit, span.dirty, span.version)
+        span = _span(start + 1, end, code)
+        if ranges and ranges[-1].same_code(span) and ranges[-1].last == start:
+            ranges[-1] = CodeRange(ranges[-1].first, span.last, span.commit, span.dirty, span.version,
+                                   span.diff_sha256)
         else:
             ranges.append(span)
     return ranges
-
-
-def _clip(span: CodeRange, start: int) -> CodeRange | None:
-    """The part of `span` that a start from update `start` does not redo."""
-    if span.first > start:
-        return None
-    return CodeRange(span.first, min(span.last, start), span.commit, span.dirty, span.version)
 
 
 def format_code_ranges(ranges: Sequence[CodeRange]) -> str:

@@ -10,7 +10,7 @@ def head_from_git_files(checkout: Path) -> str | None:
     """HEAD's commit read from .git's files (loose ref, packed-refs, worktree gitdir), without git."""
     dot_git = checkout / ".git"
     if dot_git.is_file():  # a worktree: "gitdir: <path>"
-        git_dir = Path(dot_git.read_text().split(":", 1)[1].strip())
+        git_dir = (checkout / dot_git.read_text().split(":", 1)[1].strip()).resolve()  # absolute or relative
         common = git_dir / "commondir"
         common_dir = (git_dir / common.read_text().strip()).resolve() if common.is_file() else git_dir
     elif dot_git.is_dir():

@@ -174,8 +174,9 @@ def test_the_table_numbers_match_the_lines_written(arms):
     # iteration 0 has one 0-5 item, iteration 1 (from update 5) two: scores over 5, then over 10
     assert m["score_fraction_last_mean"] == pytest.approx(np.mean([2.9 / 5, 2.6 / 10, 2.8 / 10]))
     assert any("skipped 1 unreadable line" in problem for problem in m["problems"])  # the torn last line
-    assert m["code"] == [{"first": 1, "last": 4, "commit": "1" * 40, "dirty": False, "version": "0.1.0"},
-                         {"first": 5, "last": 6, "commit": "2" * 40, "dirty": True, "version": "0.1.0"}]
+    assert m["code"] == [
+        {"first": 1, "last": 4, "commit": "1" * 40, "dirty": False, "version": "0.1.0", "diff_sha256": None},
+        {"first": 5, "last": 6, "commit": "2" * 40, "dirty": True, "version": "0.1.0", "diff_sha256": None}]
 
     p = record["arms"]["ppo"]
     assert p["updates_done"] == 4 and p["evaluations"] == 2

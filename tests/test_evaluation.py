@@ -17,6 +17,7 @@ from mpo_jax.evaluation.elo import EloSummary, Match, elo_ratings, elo_update, e
 from mpo_jax.evaluation.generate import dedupe_rows, read_generations, row_key
 from mpo_jax.evaluation.pairwise import Judgment, PairwiseJudge, judge_all_pairs, position_consistency
 from mpo_jax.evaluation.tables import Cell, elo_cells, metric_cells, plot_ratings, results_table
+from mpo_jax.provenance import code_version
 from mpo_jax.tasks.metrics import (
     math_accuracy,
     math_correct,
@@ -555,17 +556,23 @@ def test_a_killed_elo_tournament_resumes_and_rejudges_only_what_changed(tmp_path
     assert not (out / "elo.json").exists()
 
     monkeypatch.setattr(PairwiseJudge, "compare", counting_compare)
+    first_code = code_version()["git_commit"] or f"mpo-jax {mpo_jax.__version__}"
+    monkeypatch.setattr("mpo_jax.evaluation.cli.code_version", lambda: {"mpo_jax": "9.9.9", "git_commit": "e" * 40})
     compared.clear()
     assert eval_main(argv) == 0
     assert compared == [("a", "c"), ("b", "c")]  # the saved pair is not judged again
     assert "reused 6 judgments" in capsys.readouterr().err
+    # the reused judgments keep the code that made them
+    assert json.loads((out / "elo.json").read_text())["judgments_by_code"] == {first_code: 6, "e" * 40: 12}
     resumed = (out / "judgments.jsonl").read_text()
 
     uninterrupted = tmp_path / "uninterrupted"
     compared.clear()
     assert eval_main([*argv[:-1], str(uninterrupted)]) == 0
     assert len(compared) == 3
-    assert resumed == (uninterrupted / "judgments.jsonl").read_text()
+    without_code = lambda text: [{k: v for k, v in json.loads(line).items() if k != "code"}  # noqa: E731
+                                 for line in text.splitlines()]
+    assert without_code(resumed) == without_code((uninterrupted / "judgments.jsonl").read_text())
     assert json.loads((out / "elo.json").read_text())["mean"] == json.loads(
         (uninterrupted / "elo.json").read_text())["mean"]
 
@@ -573,5 +580,36 @@ def test_a_killed_elo_tournament_resumes_and_rejudges_only_what_changed(tmp_path
     _essay_generations(files["b"], ["b answer 0.", "b answer 1, rewritten.", "b answer 2."])
     assert eval_main(argv) == 0
     assert compared == [("a", "b"), ("b", "c")]
-    compared.clear()  # another judge: everything again
+
+    compared.clear()  # a judgment without a usable verdict is judged again, with the rest of its pair
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    rows[-1]["winner"] = None
+    (out / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert eval_main(argv) == 0
+    assert compared == [(rows[-1]["first"], rows[-1]["second"])] or compared == [(rows[-1]["second"],
+                                                                                   rows[-1]["first"])]
+
+    compared.clear()  # another judge: everything again; the first judge's judgments are kept aside
+    first_judge = (out / "judgments.jsonl").read_text().splitlines()
     assert eval_main([*argv, "--judge-seed", "7"]) == 0 and len(compared) == 3
+    assert set(first_judge) <= set((out / "judgments_unused.jsonl").read_text().splitlines())
+    compared.clear()  # and reused when that judge comes back
+    assert eval_main(argv) == 0 and compared == []
+
+
+def test_a_judge_file_changed_in_place_is_another_judge(tmp_path):
+    import argparse
+
+    from mpo_jax.evaluation.cli import _judge_identity
+
+    model = tmp_path / "judge.gguf"
+    model.write_bytes(b"weights v1")
+    args = argparse.Namespace(base_url=None, judge=str(model), dtype="float32", judge_seed=0)
+    before = _judge_identity(args)
+    assert _judge_identity(args) == before
+    model.write_bytes(b"weights v2, retrained")
+    assert _judge_identity(args) != before
+    assert _judge_identity(argparse.Namespace(**{**vars(args), "dtype": "bfloat16"})) != _judge_identity(args)
+    remote = argparse.Namespace(base_url="http://h/v1", judge="m", constraint_style="vllm")
+    assert _judge_identity(remote) != _judge_identity(argparse.Namespace(**{**vars(remote),
+                                                                            "constraint_style": "sglang"}))

@@ -31,24 +31,28 @@ def test_git_state_follows_commits_and_edits_to_tracked_files(tmp_path):
     _git(repo, "commit", "-q", "-m", "first")
     first = head_from_git_files(repo)
     assert first is not None and len(first) == 40
-    assert git_state(repo) == (first, False)
+    assert git_state(repo) == (first, False, None)
     (repo / "sub").mkdir()
-    assert git_state(repo / "sub") == (first, False)  # from a subfolder
+    assert git_state(repo / "sub") == (first, False, None)  # from a subfolder
+    assert git_state(repo / "sub", require_top=True) == (None, None, None)  # e.g. a package installed in a repo
 
     (repo / "untracked.txt").write_text("not part of the code\n")
-    assert git_state(repo) == (first, False)
+    assert git_state(repo)[:2] == (first, False)
     (repo / "a.py").write_text("x = 2\n")
-    assert git_state(repo) == (first, True)
+    commit, dirty, edit_2 = git_state(repo)
+    assert (commit, dirty) == (first, True) and len(edit_2) == 64
+    (repo / "a.py").write_text("x = 3\n")
+    assert git_state(repo)[2] not in (None, edit_2)  # another edit, another fingerprint
 
     _git(repo, "commit", "-q", "-am", "second")
     second = head_from_git_files(repo)
-    assert second != first and git_state(repo) == (second, False)
+    assert second != first and git_state(repo) == (second, False, None)
 
 
 def test_outside_a_checkout_there_is_no_commit(tmp_path):
-    assert git_state(tmp_path / "missing") == (None, None)
-    if head_from_git_files(tmp_path) is None and not any((p / ".git").exists() for p in tmp_path.parents):
-        assert git_state(tmp_path) == (None, None)
+    assert git_state(tmp_path / "missing") == (None, None, None)
+    if not any((p / ".git").exists() for p in (tmp_path, *tmp_path.parents)):
+        assert git_state(tmp_path) == (None, None, None)
 
 
 def test_code_version_names_this_package():
@@ -59,12 +63,30 @@ def test_code_version_names_this_package():
     assert version["git_commit"] == expected
 
 
+def test_a_git_archive_names_its_commit_in_git_commit_txt(tmp_path, monkeypatch):
+    from mpo_jax import provenance
+
+    checkout_copy = (Path(mpo_jax.__file__).resolve().parent / "git_commit.txt").read_text().strip()
+    assert checkout_copy == "$Format:%H$"  # expanded only by git archive (.gitattributes export-subst)
+    attributes = (Path(mpo_jax.__file__).resolve().parent.parent / ".gitattributes").read_text()
+    assert "mpo_jax/git_commit.txt export-subst" in attributes.splitlines()
+
+    archive = tmp_path / "mpo_jax"
+    archive.mkdir()
+    monkeypatch.setattr(provenance, "_ARCHIVE_COMMIT_FILE", archive / "git_commit.txt")
+    (archive / "git_commit.txt").write_text("0123456789abcdef0123456789abcdef01234567\n")
+    assert code_version(tmp_path)["git_commit"] == "0123456789abcdef0123456789abcdef01234567"
+    (archive / "git_commit.txt").write_text("$Format:%H$\n")
+    assert code_version(tmp_path)["git_commit"] is None
+
+
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 
 
-def _start(update: int, commit: str | None, dirty: bool | None = False, version: str = "0.1.0") -> dict:
+def _start(update: int, commit: str | None, dirty: bool | None = False, version: str = "0.1.0",
+           diff: str | None = None) -> dict:
     return {"started": "2026-11-30T00:00:00+00:00", "from_update": update, "num_updates": 40,
-            "code": {"mpo_jax": version, "git_commit": commit, "git_dirty": dirty}}
+            "code": {"mpo_jax": version, "git_commit": commit, "git_dirty": dirty, "git_diff_sha256": diff}}
 
 
 @pytest.mark.parametrize(("rows", "done", "expected"), [
@@ -79,8 +101,15 @@ def _start(update: int, commit: str | None, dirty: bool | None = False, version:
     ([_start(0, A), _start(20, B), _start(10, C)], 30, [(1, 10, A), (11, 30, C)]),
     # still running: updates past the last one done are not claimed
     ([_start(0, A), _start(6, B)], 9, [(1, 6, A), (7, 9, B)]),
-    # malformed rows are skipped
+    # rows without a start are skipped
     ([{"from_update": "x", "code": {}}, {"code": {"git_commit": A}}, _start(0, A)], 3, [(1, 3, A)]),
+    # a start whose code is unreadable ran its updates on unknown code
+    ([_start(0, A), {"from_update": 20, "code": "junk"}, _start(30, A)], 40, [(1, 20, A), (21, 30, None),
+                                                                             (31, 40, A)]),
+    # begun before provenance was recorded: updates before the first row are on unknown code
+    ([_start(40, B)], 60, [(1, 40, None), (41, 60, B)]),
+    # the same commit with two different uncommitted edits is two ranges
+    ([_start(0, A, True, diff="1" * 64), _start(5, A, True, diff="2" * 64)], 9, [(1, 5, A), (6, 9, A)]),
     ([], 5, []),
 ])
 def test_code_ranges(rows, done, expected):

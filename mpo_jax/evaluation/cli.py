@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from mpo_jax.provenance import code_version
 
 ELO_FILE = "elo.json"
 JUDGMENTS_FILE = "judgments.jsonl"
+UNUSED_JUDGMENTS_FILE = "judgments_unused.jsonl"
 TABLE_FILE = "elo_table.md"
 PLOT_FILE = "elo_ratings.png"
 _SUFFIXES = (".jsonl", ".generations", ".test")
@@ -172,6 +174,19 @@ def _judgment_id(judgment: Any) -> tuple[str, str, str, str | None]:
     return judgment.key, judgment.first, judgment.second, judgment.fingerprint
 
 
+def _judge_identity(args: argparse.Namespace) -> str:
+    """What names the judge in judgment fingerprints: endpoint and model, or the model's name and
+    settings plus, for a local file or folder, each file's size and modification time."""
+    if args.base_url:
+        return json.dumps([args.base_url, args.judge, args.constraint_style])
+    stats: list[Any] = []
+    path = Path(args.judge)
+    if path.exists():
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return json.dumps([args.judge, args.dtype, args.judge_seed, stats])
+
+
 def _saved_judgments(path: Path) -> list[Any]:
     """Judgments an earlier (possibly killed) run saved; rows that are not judgments are ignored."""
     from mpo_jax.evaluation.pairwise import Judgment
@@ -196,11 +211,12 @@ def _run_elo(args: argparse.Namespace) -> int:
     task = resolve_task(args.task, players)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _saved_judgments(out / JUDGMENTS_FILE)
+    # Judgments of earlier runs into this folder: reused where they match what would be judged now.
+    earlier = _saved_judgments(out / JUDGMENTS_FILE) + _saved_judgments(out / UNUSED_JUDGMENTS_FILE)
+    code = code_version()
     judge = PairwiseJudge(build_judge_model(args), task, mode=args.judge_mode, batch_size=args.batch_size,
-                          max_response_words=args.max_response_words,
-                          identity=f"{args.base_url}|{args.judge}" if args.base_url
-                          else f"{args.judge}|{args.dtype}|weights seed {args.judge_seed}")
+                          max_response_words=args.max_response_words, identity=_judge_identity(args),
+                          code=code["git_commit"] or f"mpo-jax {code['mpo_jax']}")
     keyed = {name: {row_key(row): row for row in rows} for name, rows in players.items()}
     so_far: list[Any] = []
 
@@ -215,6 +231,14 @@ def _run_elo(args: argparse.Namespace) -> int:
     if reused:
         print(f"reused {reused} judgments saved by an earlier run in {out / JUDGMENTS_FILE}", file=sys.stderr)
     _write_judgments(out / JUDGMENTS_FILE, judgments)
+    used = {_judgment_id(j) for j in judgments}
+    unused = list({_judgment_id(j): j for j in earlier if _judgment_id(j) not in used}.values())
+    if unused:  # judgments this tournament did not need (another judge, other players) are kept, not lost
+        _write_judgments(out / UNUSED_JUDGMENTS_FILE, unused)
+        print(f"kept {len(unused)} earlier judgments this tournament did not use in {out / UNUSED_JUDGMENTS_FILE}",
+              file=sys.stderr)
+    elif (out / UNUSED_JUDGMENTS_FILE).exists():
+        (out / UNUSED_JUDGMENTS_FILE).unlink()
     matches = [m for m in (j.to_match() for j in judgments) if m is not None]
     invalid = len(judgments) - len(matches)
     if not matches:
@@ -224,7 +248,8 @@ def _run_elo(args: argparse.Namespace) -> int:
                           players=list(players))
     record = {**summary.to_json(), "task": task, "judge": args.judge, "judge_mode": judge.mode,
               "judgments": len(judgments), "invalid_verdicts": invalid,
-              "position_consistency": position_consistency(judgments), "code": code_version()}
+              "position_consistency": position_consistency(judgments), "code": code,
+              "judgments_by_code": dict(Counter(j.code or "unknown" for j in judgments))}
     (out / ELO_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = results_table(elo_cells(summary))
     (out / TABLE_FILE).write_text(table, encoding="utf-8")

@@ -13,7 +13,8 @@ instructions inside them. Replies are only matched against "A" / "B", never inte
 A tournament can be long (a 1.5B judge on 2 CPU cores takes ~15 s per judgment), so each judgment
 carries a fingerprint of exactly what was judged (the judge's identity and mode, and the chat the
 judge saw), and `judge_all_pairs` reuses earlier judgments whose fingerprints match: a killed run
-resumes, and a regenerated player or another judge is judged afresh.
+resumes, and a regenerated player or another judge (another name, or a model file changed in
+place) is judged afresh. A judgment without a usable verdict is never reused.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Judgment:
     winner: str | None
     prob_a: float | None = None
     fingerprint: str | None = None  # `PairwiseJudge.fingerprint` of the chat judged
+    code: str | None = None  # the code that judged it (a commit, or a version): reused judgments keep theirs
 
     @property
     def winner_player(self) -> str | None:
@@ -87,18 +89,20 @@ class Judgment:
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "first": self.first, "second": self.second, "winner": self.winner,
-                "winner_player": self.winner_player, "prob_a": self.prob_a, "fingerprint": self.fingerprint}
+                "winner_player": self.winner_player, "prob_a": self.prob_a, "fingerprint": self.fingerprint,
+                "code": self.code}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Judgment | None:
         """A judgment written by `to_json`, or None when the row is not one (it is then judged again)."""
         key, first, second, winner = (data.get(k) for k in ("key", "first", "second", "winner"))
-        prob_a, fingerprint = data.get("prob_a"), data.get("fingerprint")
+        prob_a, fingerprint, code = data.get("prob_a"), data.get("fingerprint"), data.get("code")
         if not all(isinstance(v, str) for v in (key, first, second, fingerprint)) or winner not in (*OPTIONS, None):
             return None
         if prob_a is not None and not (isinstance(prob_a, int | float) and not isinstance(prob_a, bool)):
             return None
-        return cls(key, first, second, winner, None if prob_a is None else float(prob_a), fingerprint)
+        return cls(key, first, second, winner, None if prob_a is None else float(prob_a), fingerprint,
+                   code if isinstance(code, str) else None)
 
 
 def _truncate(text: str, max_words: int | None) -> str:
@@ -112,7 +116,7 @@ class PairwiseJudge:
     """Asks `model` which of two responses is better; `calls` counts the judged (ordered) pairs."""
 
     def __init__(self, model: Any, task: str | Task, *, mode: str = "auto", batch_size: int = 8,
-                 max_response_words: int | None = None, identity: str = ""):
+                 max_response_words: int | None = None, identity: str = "", code: str | None = None):
         from mpo_jax.engine.language_model import LanguageModel
 
         self.task = get_task(task) if isinstance(task, str) else task
@@ -133,7 +137,8 @@ class PairwiseJudge:
             raise InvalidValueError(f"max_response_words must be positive (or None), got {max_response_words!r}")
         self.model = model
         self.mode = mode
-        self.identity = identity  # names the judge model in fingerprints (e.g. its preset or path)
+        self.identity = identity  # names the judge model in fingerprints (its preset, or its path and file stats)
+        self.code = code  # stamped on every judgment made here
         self.batch_size = batch_size
         self.max_response_words = max_response_words
         self.calls = 0
@@ -241,8 +246,8 @@ class PairwiseJudge:
         backward = self.judge(records, responses_y, responses_x)
         out = []
         for key, record, rx, ry, f, b in zip(keys, records, responses_x, responses_y, forward, backward, strict=True):
-            out.append(Judgment(key, x, y, f.winner, f.prob_a, self.fingerprint(record, rx, ry)))
-            out.append(Judgment(key, y, x, b.winner, b.prob_a, self.fingerprint(record, ry, rx)))
+            out.append(Judgment(key, x, y, f.winner, f.prob_a, self.fingerprint(record, rx, ry), self.code))
+            out.append(Judgment(key, y, x, b.winner, b.prob_a, self.fingerprint(record, ry, rx), self.code))
         return out
 
 
@@ -258,7 +263,7 @@ def judge_all_pairs(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], 
     both orders. `generations` maps player -> {prompt key: generation row}.
 
     `earlier`: judgments of an earlier run. A pair whose every judgment is among them, with the
-    fingerprint this judge computes now, is not judged again. `on_pair` receives each pair's
+    fingerprint this judge computes now and a usable verdict, is not judged again. `on_pair` receives each pair's
     judgments as soon as they exist (for saving as the tournament goes)."""
     players = list(generations)
     if len(players) < 2:
@@ -266,7 +271,7 @@ def judge_all_pairs(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], 
     if prompts_per_pair is not None and prompts_per_pair < 1:
         raise InvalidValueError(f"prompts_per_pair must be positive (or None for all), got {prompts_per_pair!r}")
     rng = np.random.default_rng(seed)
-    saved = {(j.key, j.first, j.second, j.fingerprint): j for j in earlier}
+    saved = {(j.key, j.first, j.second, j.fingerprint): j for j in earlier if j.winner is not None}
     judgments: list[Judgment] = []
     for i, x in enumerate(players):
         for y in players[i + 1:]:
