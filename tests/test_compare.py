@@ -155,6 +155,9 @@ def test_moving_average_matches_a_convolution():
     np.testing.assert_allclose(smoothed[:2], [1.0, 2.5])
     with_nan = moving_average(np.array([math.nan, 2.0, 4.0]), 2)
     assert math.isnan(with_nan[0]) and with_nan[1:].tolist() == [2.0, 3.0]
+    # a new rubric from the fourth point: the window restarts there
+    by_rubric = moving_average(values, 3, np.array([0, 0, 0, 1, 1, 1, 1]))
+    np.testing.assert_allclose(by_rubric, [1.0, 2.5, 7 / 3, 8.0, 6.5, 20 / 3, 5.0])
 
 
 def test_the_table_numbers_match_the_lines_written(arms):

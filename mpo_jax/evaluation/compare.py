@@ -165,11 +165,15 @@ def _series(arm: Arm, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.float64)
 
 
-def moving_average(values: np.ndarray, k: int) -> np.ndarray:
-    """Trailing mean over the last `k` points (fewer at the start), ignoring non-finite values."""
+def moving_average(values: np.ndarray, k: int, segments: np.ndarray | None = None) -> np.ndarray:
+    """Trailing mean over the last `k` points (fewer at the start), ignoring non-finite values.
+    `segments` (one label per point, non-decreasing): the window never reaches back into an earlier
+    segment, so scores under one rubric are not averaged with scores under the next."""
     out = np.full(len(values), math.nan)
     for i in range(len(values)):
         window = values[max(0, i - k + 1): i + 1]
+        if segments is not None:
+            window = window[segments[max(0, i - k + 1): i + 1] == segments[i]]
         window = window[np.isfinite(window)]
         if window.size:
             out[i] = window.mean()
@@ -270,7 +274,8 @@ def _plot(path: Path, arms: Sequence[Arm], panels: Sequence[_PanelSpec], smooth:
                 ax.plot(updates, values, color=color, marker="." if updates.size < 60 else None, label=arm.name)
             else:
                 ax.plot(updates, values, color=color, linewidth=0.8, alpha=0.45)
-                ax.plot(updates, moving_average(values, smooth), color=color, linewidth=1.8,
+                rubric_in_force = np.searchsorted(np.asarray(arm.markers.accepted), updates, side="left")
+                ax.plot(updates, moving_average(values, smooth, rubric_in_force), color=color, linewidth=1.8,
                         label=f"{arm.name} (mean of {smooth})")
             for number, update in enumerate(arm.markers.accepted):
                 ax.axvline(update, color=color, linestyle="--", linewidth=1.0, alpha=0.8,
@@ -450,7 +455,8 @@ def render_markdown(arms: Sequence[Arm], summaries: Mapping[str, Mapping[str, An
         *paired_parts,
         "## Plots",
         markdown_text("Dashed vertical lines, in an arm's colour: that arm accepted a new rubric at that update. "
-                      f"Training score: thin lines raw, thick lines the mean of the last {smooth} updates.",
+                      f"Training score: thin lines raw, thick lines the mean of the last {smooth} updates "
+                      "under the same rubric.",
                       "paragraph"),
         *(f"![{markdown_text(name.removesuffix('.png'), 'alt')}]({name})" for name in PLOT_FILES),
         *_examples(arms, summaries, example_index, text_limit),
