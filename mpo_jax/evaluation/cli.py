@@ -170,10 +170,6 @@ def build_judge_model(args: argparse.Namespace) -> Any:
     return build_model(spec, device_mesh(_mesh(args.mesh)))
 
 
-def _judgment_id(judgment: Any) -> tuple[str, str, str, str | None]:
-    return judgment.key, judgment.first, judgment.second, judgment.fingerprint
-
-
 def _judge_identity(args: argparse.Namespace) -> str:
     """What names the judge in judgment fingerprints: endpoint and model, or the model's name and
     settings plus, for a local file or folder, each file's size and modification time."""
@@ -222,8 +218,8 @@ def _run_elo(args: argparse.Namespace) -> int:
 
     def save_pair(pair: list[Any]) -> None:  # a killed tournament keeps every pair judged so far
         so_far.extend(pair)
-        current = {_judgment_id(j) for j in so_far}
-        _write_judgments(out / JUDGMENTS_FILE, so_far + [j for j in earlier if _judgment_id(j) not in current])
+        current = {j.id for j in so_far}
+        _write_judgments(out / JUDGMENTS_FILE, so_far + [j for j in earlier if j.id not in current])
 
     judgments = judge_all_pairs(keyed, judge, prompts_per_pair=args.prompts_per_pair, seed=args.seed,
                                 earlier=earlier, on_pair=save_pair)
@@ -231,8 +227,8 @@ def _run_elo(args: argparse.Namespace) -> int:
     if reused:
         print(f"reused {reused} judgments saved by an earlier run in {out / JUDGMENTS_FILE}", file=sys.stderr)
     _write_judgments(out / JUDGMENTS_FILE, judgments)
-    used = {_judgment_id(j) for j in judgments}
-    unused = list({_judgment_id(j): j for j in earlier if _judgment_id(j) not in used}.values())
+    used = {j.id for j in judgments}
+    unused = list({j.id: j for j in earlier if j.id not in used}.values())
     if unused:  # judgments this tournament did not need (another judge, other players) are kept, not lost
         _write_judgments(out / UNUSED_JUDGMENTS_FILE, unused)
         print(f"kept {len(unused)} earlier judgments this tournament did not use in {out / UNUSED_JUDGMENTS_FILE}",

@@ -78,6 +78,11 @@ class Judgment:
     code: str | None = None  # the code that judged it (a commit, or a version): reused judgments keep theirs
 
     @property
+    def id(self) -> tuple[str, str, str, str | None]:
+        """What a judgment is of: the prompt, the order of the two players, and the chat judged."""
+        return self.key, self.first, self.second, self.fingerprint
+
+    @property
     def winner_player(self) -> str | None:
         return {"A": self.first, "B": self.second}.get(self.winner)
 
@@ -271,7 +276,7 @@ def judge_all_pairs(generations: Mapping[str, Mapping[str, Mapping[str, Any]]], 
     if prompts_per_pair is not None and prompts_per_pair < 1:
         raise InvalidValueError(f"prompts_per_pair must be positive (or None for all), got {prompts_per_pair!r}")
     rng = np.random.default_rng(seed)
-    saved = {(j.key, j.first, j.second, j.fingerprint): j for j in earlier if j.winner is not None}
+    saved = {j.id: j for j in earlier if j.winner is not None}
     judgments: list[Judgment] = []
     for i, x in enumerate(players):
         for y in players[i + 1:]:
