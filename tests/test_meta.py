@@ -275,6 +275,57 @@ def test_one_description_for_different_scores_is_rejected():
     assert "levels 1 and 3" in result.sense_check[0].detail
 
 
+def test_a_criterion_cut_off_after_a_level_score_is_rejected():
+    # What the 1.5B MRM merged in the repair benchmark: its 160-token budget ran out at "- **Score 4**:".
+    levels = ["does not address the task at all", "addresses the task but gives no evidence for the claim",
+              "gives some evidence, but it is weak", "gives strong, clear, well-supported evidence"]
+    item = "### Evidence (0-10)\n" + "".join(f"- **Score {i}**: The response {text}.\n"
+                                              for i, text in enumerate(levels)) + "- **Score 4**:"
+    result = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay",
+                             num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert (result.accepted, result.reason_code, result.rubric) == (False, "sense_check", RUBRIC)
+    assert [(i.code, i.item) for i in result.sense_check] == [("cut_off", 1)]
+    assert "'Score 4'" in result.sense_check[0].detail
+    finished = item + " The response is convincing and answers every counterargument."
+    assert MetaRewardModel(ScriptedClient(items=[finished], count=1), task="essay",
+                           num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0).accepted
+
+
+def test_lines_that_restate_each_other_are_rejected():
+    # What the 0.5B MRM merged in the repair benchmark: one sentence with the subject swapped, four times.
+    line = ("- **{0} (0-5)**: The {1} should be well-structured and clear, with each item providing a specific "
+            "aspect of the task. The score is 0 points.")
+    item = "### Evidence (0-10)\n" + "\n".join(line.format(name, name.lower()) for name in
+                                                ("Discourse", "Writing Prompt", "Student Prompt", "Student Response"))
+    result = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay",
+                             num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert (result.accepted, result.reason_code) == (False, "sense_check")
+    assert [(i.code, i.item) for i in result.sense_check] == [("repeated_line", 1)]
+    # Lines 1 and 2: "discourse" and "writing prompt" differ, so 4-grams (out of 19 + 20 words) differ near them.
+    a, b = (ngrams(text) for text in item.splitlines()[1:3])
+    expected = len(a & b) / len(a | b)
+    assert expected > 0.5 and f"{expected:.0%}" in result.sense_check[0].detail
+    assert "lines 1 and 2" in result.sense_check[0].detail
+
+
+def test_levels_in_parallel_wording_are_not_restatements():
+    item = ("### Thesis (0-5)\n- **Score 5**: The essay states a clear thesis and defends it in every paragraph.\n"
+            "- **Score 3**: The essay states a thesis but some paragraphs wander from it.\n"
+            "- **Score 1**: The essay hints at a position without ever stating it.\n"
+            "- **Score 0**: The essay takes no position.")
+    result = MetaRewardModel(ScriptedClient(items=[item, FOCUS]), task="essay",
+                             num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted, result.reason
+
+
+def test_repeated_and_empty_merge_criteria_are_listed_as_dropped():
+    client = ScriptedClient(items=[FOCUS, EVIDENCE], count=4, merge_items=[FOCUS, FOCUS, "<EOE>", EVIDENCE])
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == (FOCUS, EVIDENCE)
+    merge = [(d["criterion"], d["error"]) for d in result.dropped if d["stage"] == "merge"]
+    assert merge == [(3, "empty reply"), (2, "an exact repeat of an earlier criterion (kept as #1)")]
+
+
 def test_an_end_marker_line_without_brackets_is_cleaned_from_criteria():
     text, removed = clean_markup(FOCUS + "\n\nEOE\n")
     assert (text, removed) == (FOCUS.strip(), ("EOE",))
@@ -289,6 +340,7 @@ def test_an_end_marker_line_without_brackets_is_cleaned_from_criteria():
     ("### A (0-5)\n- 5: x\n- 3-4: y\n* 0 points: z", [5, 3, 4, 0]),
     ("### A (0-5)\n- **2**: x\n- 1 (weak): y\n- -2: penalty", [2, 1, -2]),
     ("### A (0-5)\nUses 2-3 examples.\n1. Focus: numbered, not a level", []),
+    ("### A (0-5)\n- **Score 4**: x\nLevel 2: y\n- score 1-0 points: z\nScore on content: w", [4, 2, 1, 0]),
 ])
 def test_level_values_are_read_from_level_lines_only(text, expected):
     assert level_values(text) == expected

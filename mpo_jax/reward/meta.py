@@ -81,13 +81,13 @@ class MetaResult:
     """A meta step's outcome and its trace, written to `meta_evaluation_{step}.json`.
 
     `cleaned`: generated criteria whose rubric tags were removed ({stage, set, criterion,
-    removed, kept}); `dropped`: generated criteria left out because they break the task's
-    rubric limits ({stage, set, criterion, chars, error}); `capped`: criteria counts cut to a
-    limit ({stage, set, asked, kept, limit, by}); `stopped`: conversations whose criteria turns
-    ended early because the MRM could not take another turn ({stage, criterion, error};
-    criterion 0: not even the count question fit); `sense_check`: the issues that rejected the
-    proposal; `truncated`: how many criteria were proposed and kept when only a prefix fits the
-    judge.
+    removed, kept}); `dropped`: generated criteria left out: empty replies, criteria that break
+    the task's rubric limits, and the merge's exact repeats ({stage, set, criterion, chars,
+    error}); `capped`: criteria counts cut to a limit ({stage, set, asked, kept, limit, by});
+    `stopped`: conversations whose criteria turns ended early because the MRM could not take
+    another turn ({stage, criterion, error}; criterion 0: not even the count question fit);
+    `sense_check`: the issues that rejected the proposal; `truncated`: how many criteria were
+    proposed and kept when only a prefix fits the judge.
     """
 
     rubric: Rubric  # the rubric in force after the step (the new one, or the previous one)
@@ -354,9 +354,9 @@ class MetaRewardModel:
                 if i > counts[row]:
                     continue
                 text, removed = clean_markup(reply)
-                problem = _item_problem(text, self.task.rubric_limits) if text else "empty"
+                problem = _item_problem(text, self.task.rubric_limits) if text else "empty reply"
                 usable = problem is None
-                if text and problem is not None:
+                if problem is not None:
                     trace.dropped.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,
                                           "chars": len(text), "error": problem})
                 if removed:
@@ -385,7 +385,18 @@ class MetaRewardModel:
         first_turn = (self.task.meta_merge(sets_text, self.merged_rubric_words) + "\n\n"
                       + self.task.meta_merge_count_request())
         items = self._criteria(session, first_turn, 1, "merge", trace)[0]
-        return list(dict.fromkeys(items))  # exact duplicates removed, order kept
+        # The turn each usable criterion was written in: those not dropped, in order.
+        left_out = {d["criterion"] for d in trace.dropped if d["stage"] == "merge"}
+        turns = [i for i in range(1, len(items) + len(left_out) + 1) if i not in left_out]
+        unique: list[str] = []
+        for turn, item in zip(turns, items, strict=True):
+            if item in unique:
+                trace.dropped.append({"stage": "merge", "set": None, "criterion": turn, "chars": len(item),
+                                      "error": f"an exact repeat of an earlier criterion (kept as #"
+                                               f"{unique.index(item) + 1})"})
+            else:
+                unique.append(item)
+        return unique
 
 
 def longest_fitting_prefix(rubric: Rubric, fits: Fits) -> Rubric | None:

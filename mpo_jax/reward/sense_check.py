@@ -3,8 +3,9 @@
 A small MRM often writes criteria that parse and fit the limits but cannot grade anything: the
 writing prompt or the student's response copied into a criterion, a criterion with no score
 levels or no word on how to score, level lines whose points fall outside the criterion's own
-scale, one criterion restated as several, or one description given for different scores. A
-rubric like that scores noise, so the meta step keeps the previous rubric instead and logs the
+scale, one criterion restated as several, one description given for different scores, lines that
+restate each other, or a criterion cut off by its token budget after a level's score. A rubric
+like that scores noise, so the meta step keeps the previous rubric instead and logs the
 `SenseIssue`s found here.
 
 Everything here is a pure function of the text: the criteria are data, read with regexes and
@@ -23,9 +24,9 @@ from mpo_jax.errors import InvalidValueError
 from mpo_jax.rubric import _TAG_RE, ScaleError, item_scale
 
 __all__ = [
-    "COPIED", "DUPLICATE", "LEVEL_OUT_OF_SCALE", "NO_GUIDANCE", "REPEATED_LEVEL", "SenseIssue", "check_criteria",
-    "clean_markup", "copied_fraction", "has_scoring_guidance", "level_descriptions", "level_values", "ngrams",
-    "out_of_scale_levels",
+    "COPIED", "CUT_OFF", "DUPLICATE", "LEVEL_OUT_OF_SCALE", "NO_GUIDANCE", "REPEATED_LEVEL", "REPEATED_LINE",
+    "SenseIssue", "check_criteria", "clean_markup", "copied_fraction", "cut_off_level", "has_scoring_guidance",
+    "level_descriptions", "level_values", "ngrams", "out_of_scale_levels", "repeated_lines",
 ]
 
 NO_GUIDANCE = "no_guidance"
@@ -33,13 +34,15 @@ LEVEL_OUT_OF_SCALE = "level_out_of_scale"
 COPIED = "copied"
 DUPLICATE = "duplicate"
 REPEATED_LEVEL = "repeated_level"
+REPEATED_LINE = "repeated_line"
+CUT_OFF = "cut_off"
 
 _NUMBER = r"[-\u2212]?\d+(?:\.\d+)?"
-# A level line: an optional bullet, a score or a score range, optionally "points" and a short
-# label in parentheses, then a colon: `- 4: ...`, `* 3-4 points: ...`, `- **5**: ...`,
-# `- 2 (fair): ...`, `5: ...`.
+# A level line: an optional bullet, an optional "Score" or "Level", a score or a score range,
+# optionally "points" and a short label in parentheses, then a colon: `- 4: ...`,
+# `* 3-4 points: ...`, `- **5**: ...`, `- 2 (fair): ...`, `5: ...`, `- **Score 4**: ...`.
 _LEVEL_RE = re.compile(
-    rf"^[ \t]*(?:[-*\u2022][ \t]*)?(?:\*\*)?[ \t]*({_NUMBER})"
+    rf"^[ \t]*(?:[-*\u2022][ \t]*)?(?:\*\*)?[ \t]*(?:(?:score|level)[ \t]+)?({_NUMBER})"
     rf"(?:[ \t]*(?:-|\u2013|\u2014|to)[ \t]*({_NUMBER}))?"
     r"[ \t]*(?:points?|pts?)?[ \t]*(?:\([^()\n]{0,40}\))?[ \t]*(?:\*\*)?[ \t]*:",
     re.MULTILINE | re.IGNORECASE)
@@ -136,6 +139,21 @@ def out_of_scale_levels(item: str, scale: tuple[int, int]) -> list[float]:
     return [v for v in level_values(item) if not lo <= v <= hi]
 
 
+def cut_off_level(item: str) -> str | None:
+    """The score of the item's last line when that line is a level with no description, else None.
+
+    That is how a criterion looks when the token budget ran out right after a level's score
+    (`- **Score 4**:` and nothing after it): the judge would read a scale whose top is undefined.
+    """
+    lines = [line for line in item.splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = _LEVEL_RE.match(lines[-1])
+    if last is None or _WORD_RE.search(lines[-1][last.end():]):
+        return None
+    return last.group(0).strip(" \t-*\u2022:")
+
+
 # -- copying ------------------------------------------------------------------------------------
 
 def ngrams(text: str, n: int = 4) -> set[tuple[str, ...]]:
@@ -164,6 +182,24 @@ def source_ngrams(sources: Iterable[str], *, exclude: Iterable[str] = (), n: int
     return shown
 
 
+def repeated_lines(item: str, max_shared_fraction: float, n: int = 4) -> tuple[int, int, float] | None:
+    """The first pair of body lines (1-based, header lines not counted) that restate each other.
+
+    Two lines restate each other when more than `max_shared_fraction` of the word n-grams in
+    either of them are shared (shared over the union of both): a criterion whose lines differ
+    only in a word or two gives the judge nothing to tell scores apart by.
+    """
+    grams = [ngrams(line, n) for line in _body(item).splitlines() if line.strip()]
+    for second in range(len(grams)):
+        for first in range(second):
+            a, b = grams[first], grams[second]
+            if a and b:
+                shared = len(a & b) / len(a | b)
+                if shared > max_shared_fraction:
+                    return first + 1, second + 1, shared
+    return None
+
+
 # -- the check ----------------------------------------------------------------------------------
 
 def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Iterable[str] = (),
@@ -178,7 +214,11 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
     - a duplicate: more than `max_copied_fraction` of the item's word n-grams (its header's name
       and scale left out) occur in one earlier item, so the rubric grades one thing twice;
     - a repeated level: two level lines of the item give different scores the same description,
-      so the item cannot tell those scores apart.
+      so the item cannot tell those scores apart;
+    - repeated lines: more than `max_copied_fraction` of two body lines' word n-grams are
+      shared (checked when no level repeats), the same failure in other words;
+    - cut off: the item ends with a level that has no description (`- **Score 4**:`), so its
+      generation stopped at the token budget mid-criterion.
     """
     if not 0.0 < max_copied_fraction <= 1.0:
         raise InvalidValueError(f"max_copied_fraction must be in (0, 1], got {max_copied_fraction}")
@@ -209,12 +249,23 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
                                                            f"#{earlier} (limit {max_copied_fraction:.0%})"))
                 break
         seen: dict[str, str] = {}
+        repeated_level = False
         for score, description in level_descriptions(item):
             if description and seen.get(description, score) != score:
                 issues.append(SenseIssue(REPEATED_LEVEL, index, f"levels {seen[description]} and {score} have the "
                                                                 f"same description"))
+                repeated_level = True
                 break
             seen.setdefault(description, score)
+        pair = None if repeated_level else repeated_lines(item, max_copied_fraction, n)
+        if pair is not None:
+            issues.append(SenseIssue(REPEATED_LINE, index, f"lines {pair[0]} and {pair[1]} restate each other: "
+                                                           f"{pair[2]:.0%} of their word {n}-grams are shared "
+                                                           f"(limit {max_copied_fraction:.0%})"))
+        cut = cut_off_level(item)
+        if cut is not None:
+            issues.append(SenseIssue(CUT_OFF, index, f"it ends at level {cut!r} with no description, cut off "
+                                                     f"mid-criterion (a larger item token budget lets it finish)"))
     return issues
 
 
