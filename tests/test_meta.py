@@ -326,6 +326,25 @@ def test_repeated_and_empty_merge_criteria_are_listed_as_dropped():
     assert merge == [(3, "empty reply"), (2, "an exact repeat of an earlier criterion (kept as #1)")]
 
 
+def test_a_criterion_that_ran_out_of_its_token_budget_is_dropped():
+    class Client(ScriptedClient):
+        """Reports criterion #2 of every conversation as cut off by the budget."""
+
+        def chat_batch_ending(self, conversations, **kw):
+            out = []
+            for reply, conv in zip(self.chat_batch(conversations, **kw), conversations):
+                cut = "criterion #2" in conv[-1]["content"]
+                out.append((reply.split("<EOE>")[0] if cut else reply, cut))  # a cut reply has no end marker
+            return out
+
+    result = MetaRewardModel(Client(items=[FOCUS, EVIDENCE]), task="essay", num_samples=2,
+                             item_tokens=123).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == (FOCUS,)
+    cut = [(d["stage"], d["set"], d["criterion"]) for d in result.dropped]
+    assert cut == [("refinement", 1, 2), ("refinement", 2, 2), ("merge", None, 2)]
+    assert all("123-token budget" in d["error"] for d in result.dropped)
+
+
 def test_an_end_marker_line_without_brackets_is_cleaned_from_criteria():
     text, removed = clean_markup(FOCUS + "\n\nEOE\n")
     assert (text, removed) == (FOCUS.strip(), ("EOE",))
@@ -502,6 +521,24 @@ def test_meta_step_runs_on_a_local_model(tmp_path_factory):
     assert result.reason
     assert result.rubric == RUBRIC or (result.accepted and result.rubric.iteration == 1)
     assert isinstance(result.rubric, Rubric) and len(result.analyses) == 2
+
+
+def test_a_local_session_says_which_replies_ran_out_of_tokens(tmp_path_factory):
+    from mpo_jax.engine.chat_session import open_session
+    from mpo_jax.engine.sampling import SamplingParams
+
+    tokenizer = Tokenizer.from_dir(tiny_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+    config = tiny_config("qwen2", vocab_size=264, max_position_embeddings=8192)
+    model = LanguageModel(config, tokenizer, *place_params(config, random_params(config, seed=5), None),
+                          prompt_buckets=(64, 256), generation_buckets=(8,), batch_buckets=(4,))
+    chats = [[{"role": "user", "content": f"Say something about {topic}."}] for topic in ("a", "bb", "ccc", "dd")]
+    session = open_session(model, chats)
+    session.say([[]] * 4, max_tokens=1)
+    # One token: the reply ran out of tokens unless that token ends it. Read the token from a plain
+    # one-token sample of the same rendered prompts.
+    first = model.sample([model.render(c) for c in chats], SamplingParams(max_new_tokens=1))
+    ended = [int(first.tokens[i][0]) in set(tokenizer.eos_ids) for i in range(4)]
+    assert session.hit_limit == [not e for e in ended]
 
 
 def test_math_meta_step_refines_each_group_from_tiered_cases():

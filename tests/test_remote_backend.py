@@ -340,3 +340,21 @@ def test_parsers():
     assert parse_choice("A or B", ["A", "B"]) == "A"  # the first one mentioned
     assert parse_choice("'Response 2'", ["Response 1", "Response 2"]) == "Response 2"
     assert parse_choice("nothing", ["A", "B"]) is None
+
+
+def test_replies_that_ran_out_of_tokens_are_reported(serve):
+    def respond(index, seen):
+        reply = ok(seen.body["messages"][-1]["content"])
+        if "long" in reply.body["choices"][0]["message"]["content"]:
+            reply.body["choices"][0]["finish_reason"] = "length"
+        return reply
+
+    model = client(serve(respond))
+    chats = [[{"role": "user", "content": text}] for text in ("short", "long", "long, then STOP and more")]
+    assert model.chat_batch_ending(chats, max_tokens=4) == [("short", False), ("long", True),
+                                                            ("long, then STOP and more", True)]
+    from mpo_jax.engine.chat_session import open_session
+
+    session = open_session(model, [[] for _ in chats])
+    assert session.say(chats, max_tokens=4, stop=("STOP",)) == ["short", "long", "long, then "]
+    assert session.hit_limit == [False, True, False]  # the third ended at its stop string

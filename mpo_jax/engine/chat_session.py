@@ -30,6 +30,10 @@ def _parse_int(text: str) -> int | None:
 
 
 class ChatSession(Protocol):
+    """After each `say`, `hit_limit[i]` is True where reply i ran out of `max_tokens` (cut off)."""
+
+    hit_limit: list[bool]
+
     def say(self, turns: Sequence[Sequence[Message]], *, max_tokens: int, stop: Sequence[str] = (),
             temperature: float = 0.0) -> list[str]: ...
 
@@ -45,6 +49,7 @@ class LocalChatSession:
     model: LanguageModel
     histories: list[list[Message]]
     conversation: Conversation | None = None
+    hit_limit: list[bool] = dataclasses.field(default_factory=list)
 
     def _turn(self, turns, params: SamplingParams, constraint=None) -> list[str]:
         if len(turns) != len(self.histories):
@@ -59,8 +64,10 @@ class LocalChatSession:
         return self.conversation.replies
 
     def say(self, turns, *, max_tokens, stop=(), temperature=0.0):
-        return self._turn(turns, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                                                stop=tuple(stop)))
+        replies = self._turn(turns, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                                   stop=tuple(stop)))
+        self.hit_limit = [not finished for finished in self.conversation.finished]
+        return replies
 
     def say_integer(self, turns, *, max_digits=2):
         replies = self._turn(turns, SamplingParams(max_new_tokens=max_digits + 1),
@@ -78,6 +85,7 @@ class RemoteChatSession:
 
     client: Any
     histories: list[list[Message]]
+    hit_limit: list[bool] = dataclasses.field(default_factory=list)
 
     def _extend(self, turns) -> list[list[Message]]:
         if len(turns) != len(self.histories):
@@ -90,8 +98,13 @@ class RemoteChatSession:
 
     def say(self, turns, *, max_tokens, stop=(), temperature=0.0):
         conversations = self._extend(turns)
-        replies = self.client.chat_batch(conversations, max_tokens=max_tokens, temperature=temperature,
-                                         stop=list(stop) or None)
+        kwargs = {"max_tokens": max_tokens, "temperature": temperature, "stop": list(stop) or None}
+        if hasattr(self.client, "chat_batch_ending"):
+            replies, ran_out = map(list, zip(*self.client.chat_batch_ending(conversations, **kwargs), strict=True))
+        else:  # a client that cannot tell: every reply counts as finished
+            replies, ran_out = self.client.chat_batch(conversations, **kwargs), [False] * len(conversations)
+        # A stop string the server did not stop at still ends the reply where it is cut.
+        self.hit_limit = [out and _cut(r, stop) == r for r, out in zip(replies, ran_out, strict=True)]
         replies = [_cut(r, stop) for r in replies]
         self._record(conversations, replies)
         return replies

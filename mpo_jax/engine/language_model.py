@@ -44,6 +44,8 @@ class Conversation:
     state: GenerationState
     replies: list[str]
     prefill_tokens: int = 0  # token slots prefilled for the last turn
+    # Per row: the last reply ended by an end token or stop string (False: it ran out of tokens).
+    finished: list[bool] = dataclasses.field(default_factory=list)
 
 
 class LanguageModel:
@@ -158,7 +160,8 @@ class LanguageModel:
         histories = [h + [{"role": "assistant", "content": self.tokenizer.decode(ids)}]
                      for h, ids in zip(histories, cached)]
         return Conversation(messages=histories, context=contexts, state=out.state, replies=out.texts,
-                            prefill_tokens=out.prefill_tokens)
+                            prefill_tokens=out.prefill_tokens,
+                            finished=[bool(f) for f in out.finished[:len(contexts)]])
 
 
 def _load_weights(path: Path, dtype: np.dtype) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:

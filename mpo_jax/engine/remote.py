@@ -331,6 +331,11 @@ class RemoteChatModel:
 
     def _complete(self, body: dict) -> str:
         """One chat completion with retries; the reply text ('' when the server gives no content)."""
+        return self._complete_ending(body)[0]
+
+    def _complete_ending(self, body: dict) -> tuple[str, bool]:
+        """One chat completion with retries: the reply text, and whether the server says it ran out
+        of tokens (`finish_reason` "length"; a server that gives no reason counts as finished)."""
         payload = json.dumps(body).encode("utf-8")
         start = time.perf_counter()
         try:
@@ -360,7 +365,8 @@ class RemoteChatModel:
         tokens = {name: int(usage[name]) for name in ("prompt_tokens", "completion_tokens")
                   if isinstance(usage.get(name), (int, float))}
         self._count(requests=1, total_latency_s=time.perf_counter() - start, **tokens)
-        return data["choices"][0]["message"].get("content") or ""
+        choice = data["choices"][0]
+        return choice["message"].get("content") or "", choice.get("finish_reason") == "length"
 
     def _body(self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,
               stop: list[str] | None, seed: int | None, top_k: int = 0,
@@ -378,13 +384,16 @@ class RemoteChatModel:
         return body
 
     def _run_batch(self, bodies: list[dict]) -> list[str]:
+        return [text for text, _ in self._run_batch_ending(bodies)]
+
+    def _run_batch_ending(self, bodies: list[dict]) -> list[tuple[str, bool]]:
         if not bodies:
             return []
         if len(bodies) == 1:
-            return [self._complete(bodies[0])]
+            return [self._complete_ending(bodies[0])]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies)),
                                 thread_name_prefix="remote-chat") as pool:
-            futures = [pool.submit(self._complete, body) for body in bodies]
+            futures = [pool.submit(self._complete_ending, body) for body in bodies]
             try:
                 return [future.result() for future in futures]
             except BaseException:
@@ -422,16 +431,27 @@ class RemoteChatModel:
         return self._chat(conversations, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           stop=stop, seed=seed)
 
+    def chat_batch_ending(self, conversations: Sequence[Sequence[dict]], *, max_tokens: int,
+                          temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
+                          seed: int | None = None) -> list[tuple[str, bool]]:
+        """`chat_batch`, each reply with whether it ran out of tokens (`finish_reason` "length")."""
+        return self._run_batch_ending(self._bodies(conversations, max_tokens=max_tokens, temperature=temperature,
+                                                   top_p=top_p, stop=stop, seed=seed))
+
     def _chat(self, conversations, *, max_tokens, temperature, top_p, stop, seed, top_k=0,
               constraint=None) -> list[str]:
+        return self._run_batch(self._bodies(conversations, max_tokens=max_tokens, temperature=temperature,
+                                            top_p=top_p, stop=stop, seed=seed, top_k=top_k, constraint=constraint))
+
+    def _bodies(self, conversations, *, max_tokens, temperature, top_p, stop, seed, top_k=0,
+                constraint=None) -> list[dict]:
         if isinstance(conversations, (str, dict)):
             raise TypeError("conversations must be a list of message lists")
         _check_sampling(max_tokens, temperature, top_p, top_k)
         stops = _stop_list(stop)
-        bodies = [self._body(_as_messages(c), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             stop=stops, seed=seed, top_k=top_k, constraint=constraint)
-                  for c in conversations]
-        return self._run_batch(bodies)
+        return [self._body(_as_messages(c), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                           stop=stops, seed=seed, top_k=top_k, constraint=constraint)
+                for c in conversations]
 
     def chat_batch_integer(self, conversations: Sequence[Sequence[dict]], *, max_digits: int = 3,
                            max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,

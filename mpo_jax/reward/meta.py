@@ -324,7 +324,8 @@ class MetaRewardModel:
         `trace.dropped`. Like the original's
         context guard, the turns stop early, keeping the criteria written so far, when the model
         cannot take another turn (a local sampler refuses a conversation that would outgrow its
-        context with a ValueError); `trace.stopped` records it.
+        context with a ValueError); `trace.stopped` records it. A criterion that ran out of
+        `item_tokens` before its end marker is cut off mid-text and is left out too.
         """
         try:
             answers = session.say_integer([[{"role": "user", "content": count_turn}]] * rows, max_digits=2)
@@ -355,6 +356,9 @@ class MetaRewardModel:
                     continue
                 text, removed = clean_markup(reply)
                 problem = _item_problem(text, self.task.rubric_limits) if text else "empty reply"
+                if problem is None and session.hit_limit[row]:
+                    problem = (f"cut off: it ran out of the {self.item_tokens}-token budget before its end "
+                               f"marker (raise item_tokens to let it finish)")
                 usable = problem is None
                 if problem is not None:
                     trace.dropped.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,
