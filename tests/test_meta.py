@@ -318,6 +318,24 @@ def test_levels_in_parallel_wording_are_not_restatements():
     assert result.accepted, result.reason
 
 
+def test_level_lines_in_the_published_rubrics_parallel_wording_pass():
+    # Two levels of a rubric the MRM wrote in the published run (Llama-3-8B, essay, step 400): they
+    # differ in "most" / "any" and share 82% of their 4-grams. Level lines are not compared.
+    item = ("### Task Adherence (0-8)\n"
+            "- **8**: The response fully meets the task requirements, including the word limit and the claim.\n"
+            "- **2**: The student's response fails to meet most of the task requirements, with significant "
+            "deviations from the word limit or lack of clear organization. The writing is often unclear or lacks "
+            "depth.\n"
+            "- **0**: The student's response fails to meet any of the task requirements, with significant "
+            "deviations from the word limit or lack of clear organization. The writing is often unclear or lacks "
+            "depth.")
+    a, b = (ngrams(line) for line in item.splitlines()[2:4])
+    assert len(a & b) / len(a | b) > 0.5
+    result = MetaRewardModel(ScriptedClient(items=[item], count=1), task="essay",
+                             num_samples=1).meta_step(RUBRIC, uniform_samples(1), rng=0)
+    assert result.accepted, result.reason
+
+
 def test_repeated_and_empty_merge_criteria_are_listed_as_dropped():
     client = ScriptedClient(items=[FOCUS, EVIDENCE], count=4, merge_items=[FOCUS, FOCUS, "<EOE>", EVIDENCE])
     result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
@@ -326,23 +344,30 @@ def test_repeated_and_empty_merge_criteria_are_listed_as_dropped():
     assert merge == [(3, "empty reply"), (2, "an exact repeat of an earlier criterion (kept as #1)")]
 
 
-def test_a_criterion_that_ran_out_of_its_token_budget_is_dropped():
+def test_a_criterion_that_ran_out_of_its_token_budget_keeps_only_its_finished_lines():
     class Client(ScriptedClient):
-        """Reports criterion #2 of every conversation as cut off by the budget."""
+        """Reports criterion #2 of every conversation as cut off by the budget, and #3 cut in its first line."""
 
         def chat_batch_ending(self, conversations, **kw):
             out = []
             for reply, conv in zip(self.chat_batch(conversations, **kw), conversations):
-                cut = "criterion #2" in conv[-1]["content"]
+                number = int(CRITERION_RE.search(conv[-1]["content"]).group(1)) if "criterion #" in \
+                    conv[-1]["content"] else 0
+                cut = number in (2, 3)
                 out.append((reply.split("<EOE>")[0] if cut else reply, cut))  # a cut reply has no end marker
             return out
 
-    result = MetaRewardModel(Client(items=[FOCUS, EVIDENCE]), task="essay", num_samples=2,
-                             item_tokens=123).meta_step(RUBRIC, samples(), rng=0)
-    assert result.accepted and result.rubric.items == (FOCUS,)
-    cut = [(d["stage"], d["set"], d["criterion"]) for d in result.dropped]
-    assert cut == [("refinement", 1, 2), ("refinement", 2, 2), ("merge", None, 2)]
-    assert all("123-token budget" in d["error"] for d in result.dropped)
+    half_evidence = EVIDENCE + "\n- 3: evidence for"
+    client = Client(items=[FOCUS, half_evidence, "### Tone (0-5) judge whether the"], count=3)
+    result = MetaRewardModel(client, task="essay", num_samples=2, item_tokens=123).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == (FOCUS, EVIDENCE)
+    trimmed = [(c["stage"], c["set"], c["criterion"], c["removed"]) for c in result.cleaned if c["kept"]]
+    partial = ["- 3: evidence for [cut off at the 123-token budget]"]
+    assert trimmed == [("refinement", 1, 2, partial), ("refinement", 2, 2, partial), ("merge", None, 2, partial)]
+    assert [c["criterion"] for c in result.cleaned if not c["kept"]] == [3, 3, 3]
+    dropped = [(d["stage"], d["set"], d["criterion"], d["error"]) for d in result.dropped]
+    why = "cut off at the 123-token budget before its first line ended"
+    assert dropped == [("refinement", 1, 3, why), ("refinement", 2, 3, why), ("merge", None, 3, why)]
 
 
 def test_an_end_marker_line_without_brackets_is_cleaned_from_criteria():

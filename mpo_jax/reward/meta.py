@@ -80,10 +80,11 @@ class MetaSample:
 class MetaResult:
     """A meta step's outcome and its trace, written to `meta_evaluation_{step}.json`.
 
-    `cleaned`: generated criteria whose rubric tags were removed ({stage, set, criterion,
-    removed, kept}); `dropped`: generated criteria left out: empty replies, criteria that break
-    the task's rubric limits, and the merge's exact repeats ({stage, set, criterion, chars,
-    error}); `capped`: criteria counts cut to a limit ({stage, set, asked, kept, limit, by});
+    `cleaned`: generated criteria whose rubric tags, end-marker lines or unfinished last line
+    (cut off by the token budget) were removed ({stage, set, criterion, removed, kept});
+    `dropped`: generated criteria left out: empty replies, criteria cut off in their first line,
+    criteria that break the task's rubric limits, and the merge's exact repeats ({stage, set,
+    criterion, chars, error}); `capped`: criteria counts cut to a limit ({stage, set, asked, kept, limit, by});
     `stopped`: conversations whose criteria turns ended early because the MRM could not take
     another turn ({stage, criterion, error}; criterion 0: not even the count question fit);
     `sense_check`: the issues that rejected the proposal; `truncated`: how many criteria were
@@ -325,7 +326,8 @@ class MetaRewardModel:
         context guard, the turns stop early, keeping the criteria written so far, when the model
         cannot take another turn (a local sampler refuses a conversation that would outgrow its
         context with a ValueError); `trace.stopped` records it. A criterion that ran out of
-        `item_tokens` before its end marker is cut off mid-text and is left out too.
+        `item_tokens` before its end marker loses its unfinished last line (listed in
+        `trace.cleaned`); one with no finished line is left out.
         """
         try:
             answers = session.say_integer([[{"role": "user", "content": count_turn}]] * rows, max_digits=2)
@@ -355,10 +357,15 @@ class MetaRewardModel:
                 if i > counts[row]:
                     continue
                 text, removed = clean_markup(reply)
-                problem = _item_problem(text, self.task.rubric_limits) if text else "empty reply"
-                if problem is None and session.hit_limit[row]:
-                    problem = (f"cut off: it ran out of the {self.item_tokens}-token budget before its end "
-                               f"marker (raise item_tokens to let it finish)")
+                if text and session.hit_limit[row]:
+                    # Out of tokens mid-line: keep the complete lines (as the published code keeps
+                    # the whole reply), never a dangling "- 4:" or half sentence.
+                    text, _, partial = text.rpartition("\n")
+                    text = text.rstrip()
+                    removed += (f"{partial.strip()} [cut off at the {self.item_tokens}-token budget]",)
+                problem = _item_problem(text, self.task.rubric_limits) if text else (
+                    f"cut off at the {self.item_tokens}-token budget before its first line ended"
+                    if session.hit_limit[row] else "empty reply")
                 usable = problem is None
                 if problem is not None:
                     trace.dropped.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,

@@ -183,13 +183,16 @@ def source_ngrams(sources: Iterable[str], *, exclude: Iterable[str] = (), n: int
 
 
 def repeated_lines(item: str, max_shared_fraction: float, n: int = 4) -> tuple[int, int, float] | None:
-    """The first pair of body lines (1-based, header lines not counted) that restate each other.
+    """The first pair of body lines that restate each other (1-based among the lines compared).
 
-    Two lines restate each other when more than `max_shared_fraction` of the word n-grams in
-    either of them are shared (shared over the union of both): a criterion whose lines differ
-    only in a word or two gives the judge nothing to tell scores apart by.
+    Level lines (`- 4: ...`) are not compared: parallel wording that differs in one word
+    ("fails to meet most of the requirements" / "any of") is how good rubrics tell adjacent
+    scores apart, and the published MPO rubrics are written that way. Other lines restate each
+    other when more than `max_shared_fraction` of their word n-grams are shared (over the union
+    of both): sub-criteria that differ only in their subject give the judge nothing to grade.
     """
-    grams = [ngrams(line, n) for line in _body(item).splitlines() if line.strip()]
+    lines = [line for line in _body(item).splitlines() if line.strip() and not _LEVEL_RE.match(line)]
+    grams = [ngrams(line, n) for line in lines]
     for second in range(len(grams)):
         for first in range(second):
             a, b = grams[first], grams[second]
@@ -215,8 +218,8 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
       and scale left out) occur in one earlier item, so the rubric grades one thing twice;
     - a repeated level: two level lines of the item give different scores the same description,
       so the item cannot tell those scores apart;
-    - repeated lines: more than `max_copied_fraction` of two body lines' word n-grams are
-      shared (checked when no level repeats), the same failure in other words;
+    - repeated lines: more than `max_copied_fraction` of the word n-grams of two body lines
+      that are not level lines are shared (checked when no level repeats);
     - cut off: the item ends with a level that has no description (`- **Score 4**:`), so its
       generation stopped at the token budget mid-criterion.
     """
