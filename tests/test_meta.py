@@ -557,13 +557,17 @@ def test_a_local_session_says_which_replies_ran_out_of_tokens(tmp_path_factory):
     model = LanguageModel(config, tokenizer, *place_params(config, random_params(config, seed=5), None),
                           prompt_buckets=(64, 256), generation_buckets=(8,), batch_buckets=(4,))
     chats = [[{"role": "user", "content": f"Say something about {topic}."}] for topic in ("a", "bb", "ccc", "dd")]
-    session = open_session(model, chats)
-    session.say([[]] * 4, max_tokens=1)
-    # One token: the reply ran out of tokens unless that token ends it. Read the token from a plain
-    # one-token sample of the same rendered prompts.
+    # Read each row's first greedy token from a plain one-token sample of the same rendered prompts.
     first = model.sample([model.render(c) for c in chats], SamplingParams(max_new_tokens=1))
-    ended = [int(first.tokens[i][0]) in set(tokenizer.eos_ids) for i in range(4)]
-    assert session.hit_limit == [not e for e in ended]
+    texts = [tokenizer.decode([int(first.tokens[i][0])]) for i in range(4)]
+    stop = texts[0]
+    assert stop.strip(), "the first row's first token must have text to serve as a stop string"
+    session = open_session(model, chats)
+    session.say([[]] * 4, max_tokens=1, stop=(stop,))
+    # One token: a reply ran out of tokens unless that token ends it (an end token, or the stop
+    # string, which row 0's token is).
+    ended = [int(first.tokens[i][0]) in set(tokenizer.eos_ids) or stop in texts[i] for i in range(4)]
+    assert ended[0] and session.hit_limit == [not e for e in ended]
 
 
 def test_math_meta_step_refines_each_group_from_tiered_cases():

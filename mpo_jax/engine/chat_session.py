@@ -100,9 +100,10 @@ class RemoteChatSession:
         conversations = self._extend(turns)
         kwargs = {"max_tokens": max_tokens, "temperature": temperature, "stop": list(stop) or None}
         if hasattr(self.client, "chat_batch_ending"):
-            replies, ran_out = map(list, zip(*self.client.chat_batch_ending(conversations, **kwargs), strict=True))
+            ended = self.client.chat_batch_ending(conversations, **kwargs)
         else:  # a client that cannot tell: every reply counts as finished
-            replies, ran_out = self.client.chat_batch(conversations, **kwargs), [False] * len(conversations)
+            ended = [(reply, False) for reply in self.client.chat_batch(conversations, **kwargs)]
+        replies, ran_out = [text for text, _ in ended], [out for _, out in ended]
         # A stop string the server did not stop at still ends the reply where it is cut.
         self.hit_limit = [out and _cut(r, stop) == r for r, out in zip(replies, ran_out, strict=True)]
         replies = [_cut(r, stop) for r in replies]

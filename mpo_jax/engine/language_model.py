@@ -161,7 +161,7 @@ class LanguageModel:
                      for h, ids in zip(histories, cached)]
         return Conversation(messages=histories, context=contexts, state=out.state, replies=out.texts,
                             prefill_tokens=out.prefill_tokens,
-                            finished=[bool(f) for f in out.finished[:len(contexts)]])
+                            finished=[bool(f) for f in out.finished])
 
 
 def _load_weights(path: Path, dtype: np.dtype) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:

@@ -329,13 +329,10 @@ class RemoteChatModel:
             return min(error.retry_after, self.max_retry_after_s)
         return min(self.backoff_s * (2 ** attempt), self.max_backoff_s)
 
-    def _complete(self, body: dict) -> str:
-        """One chat completion with retries; the reply text ('' when the server gives no content)."""
-        return self._complete_ending(body)[0]
-
-    def _complete_ending(self, body: dict) -> tuple[str, bool]:
-        """One chat completion with retries: the reply text, and whether the server says it ran out
-        of tokens (`finish_reason` "length"; a server that gives no reason counts as finished)."""
+    def _complete(self, body: dict) -> tuple[str, bool]:
+        """One chat completion with retries: the reply text ('' when the server gives no content),
+        and whether the server says it ran out of tokens (`finish_reason` "length"; a server that
+        gives no reason counts as finished)."""
         payload = json.dumps(body).encode("utf-8")
         start = time.perf_counter()
         try:
@@ -383,17 +380,14 @@ class RemoteChatModel:
         body.update(constraint or {})
         return body
 
-    def _run_batch(self, bodies: list[dict]) -> list[str]:
-        return [text for text, _ in self._run_batch_ending(bodies)]
-
-    def _run_batch_ending(self, bodies: list[dict]) -> list[tuple[str, bool]]:
+    def _run_batch(self, bodies: list[dict]) -> list[tuple[str, bool]]:
         if not bodies:
             return []
         if len(bodies) == 1:
-            return [self._complete_ending(bodies[0])]
+            return [self._complete(bodies[0])]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies)),
                                 thread_name_prefix="remote-chat") as pool:
-            futures = [pool.submit(self._complete_ending, body) for body in bodies]
+            futures = [pool.submit(self._complete, body) for body in bodies]
             try:
                 return [future.result() for future in futures]
             except BaseException:
@@ -435,13 +429,14 @@ class RemoteChatModel:
                           temperature: float = 0.0, top_p: float = 1.0, stop: str | Sequence[str] | None = None,
                           seed: int | None = None) -> list[tuple[str, bool]]:
         """`chat_batch`, each reply with whether it ran out of tokens (`finish_reason` "length")."""
-        return self._run_batch_ending(self._bodies(conversations, max_tokens=max_tokens, temperature=temperature,
-                                                   top_p=top_p, stop=stop, seed=seed))
+        return self._run_batch(self._bodies(conversations, max_tokens=max_tokens, temperature=temperature,
+                                            top_p=top_p, stop=stop, seed=seed))
 
     def _chat(self, conversations, *, max_tokens, temperature, top_p, stop, seed, top_k=0,
               constraint=None) -> list[str]:
-        return self._run_batch(self._bodies(conversations, max_tokens=max_tokens, temperature=temperature,
-                                            top_p=top_p, stop=stop, seed=seed, top_k=top_k, constraint=constraint))
+        ended = self._run_batch(self._bodies(conversations, max_tokens=max_tokens, temperature=temperature,
+                                             top_p=top_p, stop=stop, seed=seed, top_k=top_k, constraint=constraint))
+        return [text for text, _ in ended]
 
     def _bodies(self, conversations, *, max_tokens, temperature, top_p, stop, seed, top_k=0,
                 constraint=None) -> list[dict]:

@@ -252,19 +252,18 @@ def check_criteria(items: Sequence[str], sources: Iterable[str], *, exclude: Ite
                                                            f"#{earlier} (limit {max_copied_fraction:.0%})"))
                 break
         seen: dict[str, str] = {}
-        repeated_level = False
         for score, description in level_descriptions(item):
             if description and seen.get(description, score) != score:
                 issues.append(SenseIssue(REPEATED_LEVEL, index, f"levels {seen[description]} and {score} have the "
                                                                 f"same description"))
-                repeated_level = True
                 break
             seen.setdefault(description, score)
-        pair = None if repeated_level else repeated_lines(item, max_copied_fraction, n)
-        if pair is not None:
-            issues.append(SenseIssue(REPEATED_LINE, index, f"lines {pair[0]} and {pair[1]} restate each other: "
-                                                           f"{pair[2]:.0%} of their word {n}-grams are shared "
-                                                           f"(limit {max_copied_fraction:.0%})"))
+        else:
+            pair = repeated_lines(item, max_copied_fraction, n)
+            if pair is not None:
+                issues.append(SenseIssue(REPEATED_LINE, index, f"lines {pair[0]} and {pair[1]} restate each other: "
+                                                               f"{pair[2]:.0%} of their word {n}-grams are shared "
+                                                               f"(limit {max_copied_fraction:.0%})"))
         cut = cut_off_level(item)
         if cut is not None:
             issues.append(SenseIssue(CUT_OFF, index, f"it ends at level {cut!r} with no description, cut off "
