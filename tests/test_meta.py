@@ -555,7 +555,7 @@ def test_a_local_session_says_which_replies_ran_out_of_tokens(tmp_path_factory):
     tokenizer = Tokenizer.from_dir(tiny_tokenizer_dir(tmp_path_factory.mktemp("tok")))
     config = tiny_config("qwen2", vocab_size=264, max_position_embeddings=8192)
     model = LanguageModel(config, tokenizer, *place_params(config, random_params(config, seed=5), None),
-                          prompt_buckets=(64, 256), generation_buckets=(8,), batch_buckets=(4,))
+                          prompt_buckets=(64, 256), generation_buckets=(8, 16), batch_buckets=(4,))
     chats = [[{"role": "user", "content": f"Say something about {topic}."}] for topic in ("a", "bb", "ccc", "dd")]
     # Read each row's first greedy token from a plain one-token sample of the same rendered prompts.
     first = model.sample([model.render(c) for c in chats], SamplingParams(max_new_tokens=1))
@@ -568,6 +568,9 @@ def test_a_local_session_says_which_replies_ran_out_of_tokens(tmp_path_factory):
     # string, which row 0's token is).
     ended = [int(first.tokens[i][0]) in set(tokenizer.eos_ids) or stop in texts[i] for i in range(4)]
     assert ended[0] and session.hit_limit == [not e for e in ended]
+    # A constrained turn reports too: each row wrote a whole option and then its end token.
+    session.say_choice([[{"role": "user", "content": "yes or no?"}]] * 4, ["yes", "no"])
+    assert session.hit_limit == [False] * 4
 
 
 def test_math_meta_step_refines_each_group_from_tiered_cases():

@@ -61,13 +61,13 @@ class LocalChatSession:
             self.conversation = self.model.chat_continue(self.conversation, [list(t) for t in turns], params,
                                                          constraint)
         self.histories = self.conversation.messages
+        # Set on every turn, so a turn sampled under a constraint reports its rows too.
+        self.hit_limit = [not finished for finished in self.conversation.finished]
         return self.conversation.replies
 
     def say(self, turns, *, max_tokens, stop=(), temperature=0.0):
-        replies = self._turn(turns, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                                                   stop=tuple(stop)))
-        self.hit_limit = [not finished for finished in self.conversation.finished]
-        return replies
+        return self._turn(turns, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                                stop=tuple(stop)))
 
     def say_integer(self, turns, *, max_digits=2):
         replies = self._turn(turns, SamplingParams(max_new_tokens=max_digits + 1),
