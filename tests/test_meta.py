@@ -344,6 +344,14 @@ def test_repeated_and_empty_merge_criteria_are_listed_as_dropped():
     assert merge == [(3, "empty reply"), (2, "an exact repeat of an earlier criterion (kept as #1)")]
 
 
+def test_a_merge_repeat_after_a_dropped_criterion_is_listed_by_its_own_turn():
+    client = ScriptedClient(items=[FOCUS, EVIDENCE], count=4, merge_items=[FOCUS, "<EOE>", FOCUS, EVIDENCE])
+    result = MetaRewardModel(client, task="essay", num_samples=2).meta_step(RUBRIC, samples(), rng=0)
+    assert result.accepted and result.rubric.items == (FOCUS, EVIDENCE)
+    merge = [(d["criterion"], d["error"]) for d in result.dropped if d["stage"] == "merge"]
+    assert merge == [(2, "empty reply"), (3, "an exact repeat of an earlier criterion (kept as #1)")]
+
+
 def test_a_criterion_that_ran_out_of_its_token_budget_keeps_only_its_finished_lines():
     class Client(ScriptedClient):
         """Reports criterion #2 of every conversation as cut off by the budget, and #3 cut in its first line."""

@@ -103,10 +103,9 @@ class RemoteChatSession:
             ended = self.client.chat_batch_ending(conversations, **kwargs)
         else:  # a client that cannot tell: every reply counts as finished
             ended = [(reply, False) for reply in self.client.chat_batch(conversations, **kwargs)]
-        replies, ran_out = [text for text, _ in ended], [out for _, out in ended]
+        replies = [_cut(text, stop) for text, _ in ended]
         # A stop string the server did not stop at still ends the reply where it is cut.
-        self.hit_limit = [out and _cut(r, stop) == r for r, out in zip(replies, ran_out, strict=True)]
-        replies = [_cut(r, stop) for r in replies]
+        self.hit_limit = [out and reply == text for reply, (text, out) in zip(replies, ended, strict=True)]
         self._record(conversations, replies)
         return replies
 

@@ -316,8 +316,9 @@ class MetaRewardModel:
         return task_limit, "rubric_limits.max_items"
 
     def _criteria(self, session: chat_session.ChatSession, count_turn: str, rows: int, stage: str,
-                  trace: _Trace) -> list[list[str]]:
-        """Ask how many criteria (`count_turn`), then each in turn; the usable item texts per row.
+                  trace: _Trace) -> list[dict[int, str]]:
+        """Ask how many criteria (`count_turn`), then each in turn; per row, the usable item texts
+        by the number of the turn that wrote them (in order).
 
         Counts above the limit are cut to it (logged in `trace.capped`); rubric tags in a reply
         are removed and logged in `trace.cleaned`, the rest of the reply kept; a criterion that
@@ -334,7 +335,7 @@ class MetaRewardModel:
         except ValueError as exc:
             trace.stopped.append({"stage": stage, "criterion": 0, "error": str(exc)})
             _LOG.warning("meta %s: the MRM cannot take the count question, no criteria written: %s", stage, exc)
-            return [[] for _ in range(rows)]
+            return [{} for _ in range(rows)]
         asked = [max(c or 1, 1) for c in answers]
         limit, by = self._count_limit()
         counts = [min(a, limit) for a in asked]
@@ -342,7 +343,7 @@ class MetaRewardModel:
             if a > c:
                 trace.capped.append({"stage": stage, "set": _set_number(stage, row), "asked": a, "kept": c,
                                      "limit": limit, "by": by})
-        items: list[list[str]] = [[] for _ in range(rows)]
+        items: list[dict[int, str]] = [{} for _ in range(rows)]
         for i in range(1, max(counts) + 1):
             turn = [{"role": "user", "content": self.task.meta_item_request(i, self.item_words)}]
             try:
@@ -357,7 +358,8 @@ class MetaRewardModel:
                 if i > counts[row]:
                     continue
                 text, removed = clean_markup(reply)
-                if text and session.hit_limit[row]:
+                ran_out = session.hit_limit[row]
+                if text and ran_out:
                     # Out of tokens mid-line: keep the complete lines (as the published code keeps
                     # the whole reply), never a dangling "- 4:" or half sentence.
                     text, _, partial = text.rpartition("\n")
@@ -365,7 +367,7 @@ class MetaRewardModel:
                     removed += (f"{partial.strip()} [cut off at the {self.item_tokens}-token budget]",)
                 problem = _item_problem(text, self.task.rubric_limits) if text else (
                     f"cut off at the {self.item_tokens}-token budget before its first line ended"
-                    if session.hit_limit[row] else "empty reply")
+                    if ran_out else "empty reply")
                 usable = problem is None
                 if problem is not None:
                     trace.dropped.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,
@@ -374,7 +376,7 @@ class MetaRewardModel:
                     trace.cleaned.append({"stage": stage, "set": _set_number(stage, row), "criterion": i,
                                           "removed": list(removed), "kept": usable})
                 if usable:
-                    items[row].append(text)
+                    items[row][i] = text
         return items
 
     def _analyse_and_refine(self, rubric: Rubric, chosen: Sequence[MetaSample], trace: _Trace
@@ -387,7 +389,7 @@ class MetaRewardModel:
                                temperature=self.temperature)
         intro = self.task.meta_refine_intro() + "\n\n" + self.task.meta_count_request()
         items = self._criteria(session, intro, len(chosen), "refinement", trace)
-        refinements = [render_items(row) if row else "" for row in items]
+        refinements = [render_items(list(row.values())) if row else "" for row in items]
         return [a.strip() for a in analyses], refinements
 
     def _merge(self, sets: Sequence[str], trace: _Trace) -> list[str]:
@@ -395,12 +397,9 @@ class MetaRewardModel:
         session = chat_session.open_session(self.model, [self._system()])
         first_turn = (self.task.meta_merge(sets_text, self.merged_rubric_words) + "\n\n"
                       + self.task.meta_merge_count_request())
-        items = self._criteria(session, first_turn, 1, "merge", trace)[0]
-        # The turn each usable criterion was written in: those not dropped, in order.
-        left_out = {d["criterion"] for d in trace.dropped if d["stage"] == "merge"}
-        turns = [i for i in range(1, len(items) + len(left_out) + 1) if i not in left_out]
+        written = self._criteria(session, first_turn, 1, "merge", trace)[0]
         unique: list[str] = []
-        for turn, item in zip(turns, items, strict=True):
+        for turn, item in written.items():
             if item in unique:
                 trace.dropped.append({"stage": "merge", "set": None, "criterion": turn, "chars": len(item),
                                       "error": f"an exact repeat of an earlier criterion (kept as #"
