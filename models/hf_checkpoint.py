@@ -1,8 +1,10 @@
 """Load and export Hugging Face Llama / Qwen2 safetensors checkpoints in the canonical layout.
 
 HF stores `nn.Linear` weights as (out, in); the canonical params are (in, out) and stacked
-on a leading layer axis (see `canonical_param_shapes`). Tensors are read one at a time
-into preallocated arrays, so peak memory is about one copy of the model.
+on a leading layer axis (see `canonical_param_shapes`). `load_hf_checkpoint` reads tensors one
+at a time into preallocated arrays, so it holds one copy of the model in host memory: a
+reference and a tool for small models. `load_model` instead reads only the slices each
+device holds (`mpo_jax.models.hf_slices`).
 
 The optional critic head has no HF name; we store it as `value_head.weight` (1, hidden) and
 `value_head.bias` (1,) (the `nn.Linear(hidden, 1)` layout). Transformers ignores them, and
@@ -146,23 +148,31 @@ def _rope_scaling(rope: dict[str, Any]) -> RopeScaling | None:
 
 def load_hf_checkpoint(path: str | os.PathLike, *,
                        dtype: npt.DTypeLike = np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Read a HF Llama/Qwen2 checkpoint directory into `(config, canonical params)`."""
+    """Read a HF Llama/Qwen2 checkpoint directory into `(config, canonical params)`, whole."""
+    config, weight_map = read_hf_config(path, dtype=dtype)
+    out_dtype = resolve_param_dtype(dtype)
+    params = {key: np.empty(shape, out_dtype) for key, shape in canonical_param_shapes(config).items()}
+    with SafetensorsFiles(weight_map) as shards:
+        for t in hf_tensors(config):
+            if t.key is None:
+                require_zero(t, shards)
+                continue
+            value = shards.read(t.name, t.shape)
+            slot = params[t.key] if t.layer is None else params[t.key][t.layer]
+            slot[...] = value.T if t.transposed else value
+    return config, params
+
+
+def read_hf_config(path: str | os.PathLike, *,
+                   dtype: npt.DTypeLike = np.float32) -> tuple[ModelConfig, dict[str, str]]:
+    """The `ModelConfig` of a checkpoint directory and the file of each HF tensor; reads no weights."""
     root = _checkpoint_dir(path)
     out_dtype = resolve_param_dtype(dtype)
     weight_map = _weight_map(root)
     config = config_from_hf(_read_json(os.path.join(root, CONFIG_NAME)),
                             value_head=_GLOBAL_NAMES["value_head.kernel"] in weight_map,
                             param_dtype=out_dtype.name)
-    params = {key: np.empty(shape, out_dtype) for key, shape in canonical_param_shapes(config).items()}
-    with _Shards(weight_map) as shards:
-        for t in hf_tensors(config):
-            if t.key is None:
-                _require_zero(t, shards)
-                continue
-            value = shards.read(t.name, t.shape)
-            slot = params[t.key] if t.layer is None else params[t.key][t.layer]
-            slot[...] = value.T if t.transposed else value
-    return config, params
+    return config, weight_map
 
 
 def _checkpoint_dir(path: str | os.PathLike) -> str:
@@ -213,7 +223,7 @@ def _open_safetensors(file: str) -> Any:
                               "or corrupt: re-download or re-export it") from exc
 
 
-class _Shards(contextlib.ExitStack):
+class SafetensorsFiles(contextlib.ExitStack):
     """Safetensors files opened on first use; errors name the tensor and the file."""
 
     def __init__(self, weight_map: dict[str, str]) -> None:
@@ -224,29 +234,62 @@ class _Shards(contextlib.ExitStack):
     def __contains__(self, name: str) -> bool:
         return name in self._weight_map
 
-    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def open_slice(self, name: str, shape: tuple[int, ...]) -> Any:
+        """Tensor `name` as a lazy safetensors slice, after checking its shape; index it to read."""
         from safetensors import SafetensorError
 
+        file = self._file(name)
+        try:
+            lazy = self._handle(file).get_slice(name)
+            found = tuple(lazy.get_shape())
+        except SafetensorError as exc:
+            raise self._corrupt(name, file, exc) from exc
+        if found != shape:
+            raise FileFormatError(f"tensor {name!r} in {file!r} has shape {found}, expected {shape}: "
+                                  f"{CONFIG_NAME} and the weights disagree (wrong config or mixed weights)")
+        return lazy
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The whole tensor `name` (checked to have `shape`) in its file dtype."""
+        from safetensors import SafetensorError
+
+        self.open_slice(name, shape)
+        file = self._file(name)
+        try:
+            return self._handle(file).get_tensor(name)
+        except SafetensorError as exc:
+            raise self._corrupt(name, file, exc) from exc
+
+    def read_region(self, name: str, shape: tuple[int, ...], region: tuple[slice, ...]) -> np.ndarray:
+        """Only `region` of tensor `name` (checked to have `shape`), in its file dtype."""
+        from safetensors import SafetensorError
+
+        lazy = self.open_slice(name, shape)
+        try:
+            return lazy[region]
+        except SafetensorError as exc:
+            raise self._corrupt(name, self._file(name), exc) from exc
+
+    def _file(self, name: str) -> str:
         file = self._weight_map.get(name)
         if file is None:
             files = sorted({os.path.basename(f) for f in self._weight_map.values()})
             raise FileFormatError(f"tensor {name!r} is missing from the checkpoint (looked in {files}); "
                                   "the weights are incomplete or belong to a different architecture")
+        return file
+
+    def _handle(self, file: str) -> Any:
         if file not in self._handles:
             self._handles[file] = self.enter_context(_open_safetensors(file))
-        handle = self._handles[file]
-        try:
-            found = tuple(handle.get_slice(name).get_shape())
-            if found != shape:
-                raise FileFormatError(f"tensor {name!r} in {file!r} has shape {found}, expected {shape}: "
-                                      f"{CONFIG_NAME} and the weights disagree (wrong config or mixed weights)")
-            return handle.get_tensor(name)
-        except SafetensorError as exc:
-            raise FileFormatError(f"cannot read tensor {name!r} from {file!r} ({exc}); the file is corrupt "
-                                  "or does not match its index: re-download or re-export it") from exc
+        return self._handles[file]
+
+    @staticmethod
+    def _corrupt(name: str, file: str, exc: Exception) -> FileFormatError:
+        return FileFormatError(f"cannot read tensor {name!r} from {file!r} ({exc}); the file is corrupt "
+                               "or does not match its index: re-download or re-export it")
 
 
-def _require_zero(t: HFTensor, shards: _Shards) -> None:
+def require_zero(t: HFTensor, shards: SafetensorsFiles) -> None:
     """Accept an o_proj bias only when it is zero, since the model has no slot for it."""
     if t.name in shards and np.any(shards.read(t.name, t.shape)):
         raise NotImplementedError(f"non-zero {t.name!r}: attention output biases are not supported")

@@ -8,6 +8,7 @@ laptop CPU and on a TPU slice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -22,12 +23,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mpo_jax.engine import constraints as constraints_lib
-from mpo_jax.engine import presets
+from mpo_jax.engine import presets, shard_loading
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.engine.sampling import GenerationState, SampleOutput, Sampler, SamplingParams
 from mpo_jax.engine.tokenizer import Tokenizer
 from mpo_jax.errors import FileFormatError, InvalidValueError
 from mpo_jax.models.config import ModelConfig
+from mpo_jax.models.hf_slices import HFSliceReader
 from mpo_jax.models.params import all_param_shapes, check_param_shapes, init_lora_params, state_from_flat
 from mpo_jax.models.transformer import Transformer
 
@@ -164,12 +166,17 @@ class LanguageModel:
                             finished=[bool(f) for f in out.finished])
 
 
-def _load_weights(path: Path, dtype: np.dtype) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+def _load_weights(path: Path, dtype: np.dtype
+                  ) -> tuple[ModelConfig, dict[str, np.ndarray] | HFSliceReader, Tokenizer]:
+    """GGUF: the whole file as host arrays. HF directory: an open reader, so that each process
+    later reads only the slices its devices hold (`shard_loading`); the caller closes it."""
     if path.is_dir():
-        from mpo_jax.models.hf_checkpoint import load_hf_checkpoint
-
-        config, flat = load_hf_checkpoint(path, dtype=dtype)
-        return config, flat, Tokenizer.from_dir(path)
+        reader = HFSliceReader(path, dtype=dtype)
+        try:
+            return reader.config, reader, Tokenizer.from_dir(path)
+        except BaseException:
+            reader.close()
+            raise
     if path.suffix == ".gguf":
         from mpo_jax.models.gguf_io import load_gguf
 
@@ -191,6 +198,19 @@ def place_params(config: ModelConfig, flat: dict[str, np.ndarray], mesh: Mesh | 
     return state_from_flat(config, placed)
 
 
+def place_checkpoint(config: ModelConfig, reader: HFSliceReader, fresh: dict[str, np.ndarray],
+                     mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Checkpoint tensors read shard by shard from `reader`, plus `fresh` host arrays (new LoRA
+    adapters, a new value head) placed whole: together, the NNX state of `config`."""
+    placed = shard_loading.read_params(reader, mesh, config)
+    if mesh is None:
+        placed.update({name: jnp.asarray(value) for name, value in fresh.items()})
+    else:
+        shardings = sharding_lib.param_shardings(all_param_shapes(config), mesh)
+        placed.update({name: sharding_lib.place(value, shardings[name]) for name, value in fresh.items()})
+    return state_from_flat(config, placed)
+
+
 def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh: Mesh | None = None,
                value_head: bool = False, remat: bool = False, remat_policy: str = "full",
                attention_impl: str = "dense", attention_block: int = 64, lora_rank: int = 0,
@@ -209,20 +229,24 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh:
     if dtype not in _DTYPES:
         raise InvalidValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = presets.resolve(name_or_path)
-    config, flat, tokenizer = _load_weights(path, _DTYPES[dtype])
-    config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, remat_policy=remat_policy,
-                            attention_impl=attention_impl, attention_block=attention_block,
-                            lora_rank=lora_rank, lora_alpha=lora_alpha,
-                            lora_targets=tuple(lora_targets or config.lora_targets))
-    flat.update(init_lora_params(config, dtype=_DTYPES[dtype]))
-    if value_head and not config.value_head:
-        config = config.replace(value_head=True)
-        rng = np.random.default_rng(0)
-        flat["value_head.kernel"] = (rng.standard_normal((config.hidden_size, 1)) /
-                                     np.sqrt(config.hidden_size)).astype(_DTYPES[dtype])
-        flat["value_head.bias"] = np.zeros((1,), _DTYPES[dtype])
-    mesh = sharding_lib.as_auto_mesh(mesh) if mesh is not None else None
-    graphdef, params = place_params(config, flat, mesh)
+    config, weights, tokenizer = _load_weights(path, _DTYPES[dtype])
+    with weights if isinstance(weights, HFSliceReader) else contextlib.nullcontext():
+        config = config.replace(dtype=dtype, param_dtype=dtype, remat=remat, remat_policy=remat_policy,
+                                attention_impl=attention_impl, attention_block=attention_block,
+                                lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                lora_targets=tuple(lora_targets or config.lora_targets))
+        fresh = init_lora_params(config, dtype=_DTYPES[dtype])
+        if value_head and not config.value_head:
+            config = config.replace(value_head=True)
+            rng = np.random.default_rng(0)
+            fresh["value_head.kernel"] = (rng.standard_normal((config.hidden_size, 1)) /
+                                          np.sqrt(config.hidden_size)).astype(_DTYPES[dtype])
+            fresh["value_head.bias"] = np.zeros((1,), _DTYPES[dtype])
+        mesh = sharding_lib.as_auto_mesh(mesh) if mesh is not None else None
+        if isinstance(weights, HFSliceReader):
+            graphdef, params = place_checkpoint(config, weights, fresh, mesh)
+        else:
+            graphdef, params = place_params(config, {**weights, **fresh}, mesh)
     return LanguageModel(config, tokenizer, graphdef, params, mesh=mesh, **sampler_kwargs)
 
 

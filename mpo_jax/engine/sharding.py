@@ -2,14 +2,15 @@
 
 Computation runs under `jax.jit` with explicit `NamedSharding`s and GSPMD propagation, so a
 mesh built by `jax.make_mesh` (whose axes are `Explicit` by default in jax >= 0.9) is
-re-typed to `Auto` with the same devices. Parameters are placed shard by shard from host
-memory (`jax.make_array_from_callback`), so no device ever holds the whole model unless its
-sharding says so.
+re-typed to `Auto` with the same devices. Parameters are placed shard by shard, so no device
+ever holds the whole model unless its sharding says so: from a host array (`place`), or read
+one shard at a time by a callback (`place_shards`), so that the host never holds it either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import gc
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -118,6 +119,42 @@ def place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Host array -> global jax.Array; each device receives only its own shard."""
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def place_shards(shape: Sequence[int], sharding: jax.sharding.Sharding,
+                 read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array whose host data is read one shard at a time: `read(index)` -> that shard.
+
+    Each distinct shard of this process is read once, copied to every local device that holds
+    it and dropped before the next is read, so the host holds one shard at a time.
+    (`jax.make_array_from_callback` first collects every local shard of the array on the host:
+    with 8 devices per host that is the whole tensor.) Replicated shards are not read twice.
+    """
+    shape = tuple(int(n) for n in shape)
+    devices_by_index: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+        devices_by_index.setdefault(bounds, []).append(device)
+    arrays = []
+    for bounds, devices in devices_by_index.items():
+        data = read(tuple(slice(start, stop) for start, stop in bounds))
+        arrays += copy_to_devices(data, devices)
+        del data  # freed here, before the next shard is read
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def copy_to_devices(data: np.ndarray, devices: Sequence[jax.Device | None]) -> list[jax.Array]:
+    """`data` on each device (None: the default device, uncommitted), with jax's hold on `data` gone.
+
+    jax keeps a host buffer until its transfer completes and lets go of it only on its next
+    garbage pass (a `gc` callback), not when the caller drops it; without the pass below the
+    host would hold several shards at once. (On CPU, jax may also adopt an aligned buffer as
+    the device buffer itself, despite `may_alias=False`: then it is that device's memory.)
+    """
+    placed = [jax.device_put(data, device, may_alias=False) for device in devices]
+    jax.block_until_ready(placed)
+    gc.collect(0)  # runs jax's callback that releases the host buffers of finished transfers
+    return placed
 
 
 def to_host(x: jax.Array) -> np.ndarray:
