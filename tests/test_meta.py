@@ -174,14 +174,17 @@ def test_template_syntax_in_model_output_stays_literal():
 # -- sense check -----------------------------------------------------------------------------------
 
 def test_prompt_text_copied_into_criteria_is_rejected_by_the_sense_check(tmp_path):
-    # What a 135M MRM writes: the essay prompt copied into three criteria, with no scoring guidance.
+    # What a 135M MRM writes: the essay prompt copied into three criteria. The prompt is English
+    # that names what to write, so it counts as guidance; copying it is a quality finding, which
+    # refuses without a canary gate.
     copied = [f"### {name} (0-10)\n{PROMPT}" for name in ("Writing Prompt", "Instruction", "Task")]
     client = ScriptedClient(items=copied, count=3)
     result = MetaRewardModel(client, task="essay", num_samples=4).meta_step(RUBRIC, uniform_samples(), rng=0)
     assert (result.accepted, result.reason_code, result.rubric) == (False, "sense_check", RUBRIC)
     found = {(issue.code, issue.item) for issue in result.sense_check}
-    assert found == ({(code, item) for code in ("no_guidance", "copied") for item in (1, 2, 3)}
+    assert found == ({("copied", item) for item in (1, 2, 3)}
                      | {("duplicate", 2), ("duplicate", 3)})  # the same prompt in each: also repeats
+    assert all(issue.quality for issue in result.sense_check)
     saved = json.loads(result.save(tmp_path, 1, uniform_samples()).read_text())
     assert saved["reason_code"] == "sense_check"
     assert {(i["code"], i["item"]) for i in saved["sense_check"]} == found
@@ -540,7 +543,8 @@ def test_a_merge_prompt_the_model_cannot_take_keeps_the_previous_rubric():
 def test_no_samples_is_a_kept_reason():
     result = MetaRewardModel(ScriptedClient(items=[FOCUS]), task="essay").meta_step(RUBRIC, [], rng=0)
     assert (result.accepted, result.reason_code, result.rubric) == (False, "no_samples", RUBRIC)
-    assert set(KEPT_REASONS) == {"no_samples", "no_criteria", "invalid", "no_scale", "sense_check", "does_not_fit"}
+    assert set(KEPT_REASONS) == {"no_samples", "no_criteria", "invalid", "no_scale", "sense_check", "does_not_fit",
+                                 "canary"}
 
 
 def test_meta_step_runs_on_a_local_model(tmp_path_factory):

@@ -81,3 +81,92 @@ def test_meta_buffer_rows_need_scores(model_dir, tmp_path, capsys):
     assert main(["meta", "--task", "essay", "--model", str(model_dir), "--buffer", str(src), "--out",
                  str(tmp_path / "o")]) == 2
     assert "numeric \"score\"" in capsys.readouterr().err
+
+
+# -- `mpo-jax meta` with a scripted remote meta model (and judge) ---------------------------------
+
+DEMO = "### Evidence (0-10)\n- Evidence (0-10 points)\n- Evidence (1-10 points)\n- Evidence (11-10 points)"
+BREVITY = ("### Brevity (0-5)\n- 5: the response makes its point in few, well-chosen words.\n"
+           "- 2: the response repeats itself or pads its sentences.\n- 0: the response rambles off the topic.")
+ESSAYS = [("Should schools require uniforms?",
+           "School uniforms help students focus. They remove the daily pressure of choosing clothes, and they "
+           "make families spend less. In my school, bullying about brands fell after uniforms came in. Still, "
+           "students should be able to choose a coat or a scarf, because comfort matters in winter."),
+          ("Should cities build bike lanes?",
+           "Cities should build more bike lanes. Lanes make riding safer and cut traffic. When my town painted a "
+           "lane on Main Street, twice as many people rode to work. Drivers complained at first, but the lane "
+           "stayed and the shops on the street did better than before.")]
+
+
+def scripted(criterion):
+    """MRM turns answered with `criterion`; judge turns scored by the response's length: long is good
+    under a rubric without "Brevity", short is good under one with it."""
+    import re
+
+    from fake_openai import ok
+
+    essay = get_task("essay")
+
+    def respond(index, seen):
+        messages = seen.body["messages"]
+        system, last = messages[0]["content"], messages[-1]["content"]
+        if system.startswith(essay.judge_system):
+            if "single integer" in last:
+                words = len(messages[1]["content"].split())
+                long = min(5, max(0, (words - 120) // 12))
+                return ok(str(5 - long if "Brevity" in system else long))
+            return ok("The response is judged.<EOE>")
+        if "How many" in last:
+            return ok("1")
+        if re.search(r"criterion #\d+", last):
+            return ok(criterion + "<EOE>")
+        return ok("The score is inflated: the response ignores the task.<EOE>")
+    return respond
+
+
+def buffer(tmp_path):
+    src = tmp_path / "buffer.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "response": r, "score": 3.0}) + "\n" for p, r in ESSAYS))
+    return src
+
+
+def test_meta_refuses_the_demo_rubric_from_a_remote_meta_model(tmp_path, capsys):
+    from fake_openai import FakeServer
+
+    server = FakeServer(scripted(DEMO), max_requests=1000).start()
+    try:
+        out = tmp_path / "meta"
+        assert main(["meta", "--task", "essay", "--base-url", server.url, "--model", "scripted",
+                     "--buffer", str(buffer(tmp_path)), "--out", str(out), "--num-samples", "2"]) == 0
+    finally:
+        server.stop()
+    report = json.loads((out / "meta_evaluation_0.json").read_text())
+    assert (report["accepted"], report["reason_code"]) == (False, "sense_check")
+    assert {i["code"] for i in report["sense_check"]} >= {"no_guidance", "hollow_line", "level_out_of_scale"}
+    assert report["canary"] is None  # no judge given: the text checks alone decide
+    assert RubricHistory.load(out).current.render() == get_task("essay").initial_rubrics["iter0"].render()
+    assert "kept the input rubric [sense_check]" in capsys.readouterr().out
+
+
+def test_meta_with_a_judge_keeps_a_proposal_that_lowers_the_canary_share(tmp_path, capsys):
+    from fake_openai import FakeServer
+
+    server = FakeServer(scripted(BREVITY), max_requests=5000, lifetime_s=120).start()
+    try:
+        out = tmp_path / "meta"
+        assert main(["meta", "--task", "essay", "--base-url", server.url, "--model", "scripted",
+                     "--judge-model", "scripted-judge", "--judge-base-url", server.url, "--canary-samples", "2",
+                     "--buffer", str(buffer(tmp_path)), "--out", str(out), "--num-samples", "2"]) == 0
+    finally:
+        server.stop()
+    report = json.loads((out / "meta_evaluation_0.json").read_text())
+    assert (report["accepted"], report["reason_code"]) == (False, "canary")
+    canary = report["canary"]
+    # Recompute both shares from the pairs' scores the trace lists.
+    current = np.mean([(np.sign(a - d) + 1) / 2 for a, d in (p["current"] for p in canary["details"])])
+    proposal = np.mean([(np.sign(a - d) + 1) / 2 for a, d in (p["proposal"] for p in canary["details"])])
+    assert canary["current_share"] == pytest.approx(current) and canary["proposal_share"] == pytest.approx(proposal)
+    assert proposal < current - 0.02 and canary["answers"] == 2
+    assert "kept the input rubric [canary]" in capsys.readouterr().out
+    history = RubricHistory.load(out)
+    assert history.current.iteration == 0 and history.events[-1].reason.endswith("(canary)")

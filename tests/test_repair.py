@@ -289,7 +289,8 @@ def test_cli_reuses_a_saved_set_and_compares_protocols(tmp_path, monkeypatch, ca
     out = tmp_path / "out"
     bench.save_labelled_set(scripted_rows(), out / bench.SET_FILE, "essay")
     argv = ["repair", "--task", "essay", "--judge", "tiny-random", "--writer", "no-such-model", "--out", str(out),
-            "--mode", "logits", "--mode", "generate", "--fence", "both", "--meta-steps", "2", "--num-samples", "3"]
+            "--mode", "logits", "--mode", "generate", "--fence", "both", "--meta-steps", "2", "--num-samples", "3",
+            "--no-canary"]  # the scripted judge reads only labelled rows, not canary degradations
     assert eval_main(argv) == 0  # the writer is never loaded: the saved set is reused
     printed = capsys.readouterr()
     assert "reusing the labelled set" in printed.err
@@ -371,7 +372,7 @@ def scripted_cli(monkeypatch, tmp_path, name):
     out = tmp_path / name
     bench.save_labelled_set(scripted_rows(), out / bench.SET_FILE, "essay")
     return ["repair", "--task", "essay", "--judge", "tiny-random", "--out", str(out), "--meta-steps", "2",
-            "--num-samples", "3", "--seed", "2"], steps
+            "--num-samples", "3", "--no-canary", "--seed", "2"], steps
 
 
 def test_a_killed_cli_run_resumes_from_its_last_step(tmp_path, monkeypatch, capsys):

@@ -40,10 +40,19 @@ import numpy as np
 from mpo_jax.errors import InvalidValueError, MissingDependencyError
 from mpo_jax.fileio import atomic_write_text, read_jsonl_lenient
 from mpo_jax.provenance import CodeRange, code_ranges, format_code_ranges
-from mpo_jax.rubric import Rubric, ScaleError, item_scale
 from mpo_jax.train.metrics import decode_value, encode_value, markdown_fence
 from mpo_jax.train.report import markdown_text
-from mpo_jax.train.report_data import MetaMarkers, ReportError, RunData, is_number, load_run, meta_markers
+from mpo_jax.train.report_data import (
+    SCORE_FRACTION,
+    MetaMarkers,
+    ReportError,
+    RunData,
+    add_score_fractions,
+    is_number,
+    load_run,
+    meta_markers,
+    score_fraction,
+)
 from mpo_jax.train.run_dir import EVAL_SAMPLES_FILE, METRICS_FILE, RUBRIC_FILE_RE
 
 __all__ = ["COMPARE_JSON", "COMPARE_MD", "PLOT_FILES", "Arm", "load_arm", "moving_average", "paired_independent",
@@ -97,47 +106,8 @@ def merged_metrics(path: Path, problems: list[str]) -> tuple[dict[str, Any], ...
     return tuple(by_update[update] for update in sorted(by_update))
 
 
-SCORE_FRACTION = "score/fraction_of_range"  # derived here: comparable across rubrics with other scales
-
-
-def score_fraction(score: float, rubric: Rubric, aggregate: str) -> float | None:
-    """Where `score` lies in the range the rubric's item scales allow, 0 at the bottom and 1 at the top.
-
-    A "sum" score runs from the sum of the items' lowest to the sum of their highest scores, so a
-    rubric the meta step rewrote (say from one 0-5 item to five 0-10 items) moves the raw score to
-    another scale; this fraction does not. A "mean_normalized" score is already that fraction.
-    None when an item has no readable scale. Task rules (a fixed score for an empty response) may
-    fall outside [0, 1]; they are not clipped.
-    """
-    if aggregate != "sum":
-        return score
-    try:
-        scales = [item_scale(item) for item in rubric.items]
-    except ScaleError:
-        return None
-    low, high = sum(lo for lo, _ in scales), sum(hi for _, hi in scales)
-    return (score - low) / (high - low) if high > low else None
-
-
-def _add_score_fractions(run: RunData, problems: list[str]) -> RunData:
-    """The run's metrics with `SCORE_FRACTION` added where the score and the rubric in force are known."""
-    aggregate = ((run.config or {}).get("judge") or {}).get("aggregate", "sum")
-    by_iteration = {rubric.iteration: rubric for rubric in run.versions}
-    missing: set[int] = set()
-    records = []
-    for record in run.metrics:
-        iteration = record.get("rubric/iteration")
-        if is_number(record.get("score/mean")) and is_number(iteration):
-            rubric = by_iteration.get(int(iteration))
-            fraction = None if rubric is None else score_fraction(float(record["score/mean"]), rubric, aggregate)
-            if rubric is None:
-                missing.add(int(iteration))
-            if fraction is not None:
-                record = {**record, SCORE_FRACTION: fraction}
-        records.append(record)
-    if missing:
-        problems.append(f"no rubric file for iteration(s) {sorted(missing)}: their scores have no fraction of range")
-    return dataclasses.replace(run, metrics=tuple(records))
+_add_score_fractions = add_score_fractions  # one implementation, shared with the run report
+__all__ += ["SCORE_FRACTION", "score_fraction"]  # re-exported from train/report_data.py
 
 
 def load_arm(name: str, run_dir: str | os.PathLike[str], example_index: int = 0) -> Arm:

@@ -32,6 +32,7 @@ import numpy as np
 
 from mpo_jax.errors import FileFormatError, InvalidValueError, MissingFileError
 from mpo_jax.fileio import read_jsonl_objects
+from mpo_jax.reward.canary import hack_prompt
 from mpo_jax.reward.hacks import HACK_KINDS, make_hack
 from mpo_jax.rubric import Rubric, RubricError
 from mpo_jax.tasks import Task, get_task
@@ -78,9 +79,9 @@ def choose_indices(num_records: int, n: int, seed: int) -> list[int]:
 
 
 def task_prompt(task: Task, record: Mapping[str, Any]) -> str:
-    """The prompt text a hack is built from: the record's prompt field, else the judge's prompt material."""
-    value = record.get(task.prompt_field)
-    return value if isinstance(value, str) else task.prompt_text(record)
+    """The prompt text a hack is built from: the record's prompt field, else the judge's prompt material
+    (the canary gate builds its degradations from the same text)."""
+    return hack_prompt(task, record)
 
 
 def build_labelled_set(task: Task, records: Sequence[Mapping[str, Any]], goods: Sequence[str], *,
@@ -310,8 +311,8 @@ def _report(step: int, rubric: Rubric, rows: Sequence[LabelledRow], scores: list
 def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[LabelledRow], *, meta_steps: int = 2,
            seed: int = 0, batch_size: int = 16, done: Sequence[StepReport] = (),
            on_step: Callable[[list[StepReport]], None] | None = None,
-           progress: Callable[[str], None] | None = None, code: Mapping[str, Any] | None = None
-           ) -> list[StepReport]:
+           progress: Callable[[str], None] | None = None, code: Mapping[str, Any] | None = None,
+           gate: Any = None) -> list[StepReport]:
     """Score the set, then `meta_steps` times: meta step on the scored set, install, re-score.
 
     The buffer given to the MRM is every row of the set with its current score (and the judge's
@@ -322,6 +323,8 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
     continues from step n + 1 with their rubric, scores and rationales; `on_step` receives the
     reports so far after every step (for saving). `code` (`provenance.code_version()`) is stamped
     on each step measured here, so a run resumed on newer code says which steps ran where.
+    `gate` (a `reward.canary.CanaryGate` on `judge`) is the meta step's canary gate: a proposal it
+    refuses is kept out with reason `canary`, as in training.
     """
     from mpo_jax.reward.meta import MetaSample
 
@@ -346,7 +349,8 @@ def repair(judge: ScoringJudge, mrm: Any, rubric: Rubric, rows: Sequence[Labelle
     for step in range(len(reports), meta_steps + 1):
         samples = [MetaSample(record=r.record, response=r.response, score=s, rationales=why)
                    for r, s, why in zip(rows, scores, rationales, strict=True)]
-        result = mrm.meta_step(rubric, samples, np.random.default_rng([seed, step]), step=step, fits=judge.fits)
+        result = mrm.meta_step(rubric, samples, np.random.default_rng([seed, step]), step=step, fits=judge.fits,
+                               gate=gate)
         meta = {"accepted": bool(result.accepted), "reason": result.reason,
                 "reason_code": getattr(result, "reason_code", None), "installed": False,
                 "evaluation": result.to_json(samples)}

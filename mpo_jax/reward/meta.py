@@ -7,9 +7,12 @@ Per selected sample (batched across samples): a meta-analysis of the junior judg
 then a refinement (how many criteria, then each criterion in turn, each wrapped in `<item>` by
 this program). Then one merge conversation joins the refined sets under a word budget and
 writes the merged criteria one by one. The proposal must parse under the task's limits (every
-criterion states its scale, `### <name> (<lo>-<hi>)`), pass the sense check (`sense_check`)
-and fit the judge (`fits`, which may keep only a prefix of the criteria), or the previous
-rubric stays in force; either way `MetaResult.reason_code` and `reason` say why. The MRM runs
+criterion states its scale, `### <name> (<lo>-<hi>)`), pass the sense check (`sense_check`),
+fit the judge (`fits`, which may keep only a prefix of the criteria) and, when a canary gate is
+given (`gate`, `reward/canary.py`), keep the judge ranking the sampled answers above their
+degraded copies; otherwise the previous rubric stays in force; either way
+`MetaResult.reason_code` and `reason` say why. With a gate, the sense check's quality
+heuristics are warnings (`MetaResult.sense_warnings`) and the gate decides. The MRM runs
 on its own jitted functions (the model's sampler), separately from the judge and from PPO, and
 may be a bigger model or a remote endpoint.
 
@@ -26,14 +29,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mpo_jax.engine import chat_session
 from mpo_jax.errors import InvalidValueError
 from mpo_jax.fileio import atomic_write_text
-from mpo_jax.reward.sense_check import SenseIssue, check_criteria, clean_markup
+from mpo_jax.reward.sense_check import SenseIssue, check_criteria, clean_markup, split_issues
 from mpo_jax.rubric import Rubric, RubricError, RubricLimits, ScaleError, diff, render_items
 from mpo_jax.tasks import Task, get_task
 from mpo_jax.tasks.base import PRESCREEN_CHOICES, join_criteria_sets
@@ -49,10 +52,19 @@ INVALID = "invalid"  # the merged rubric failed parsing or the task's size limit
 NO_SCALE = "no_scale"  # a merged criterion states no readable score scale
 SENSE_CHECK = "sense_check"  # a merged criterion gives no scoring guidance, leaves its scale or copies
 DOES_NOT_FIT = "does_not_fit"  # not even the first merged criterion fits the judge
+CANARY = "canary"  # the judge ranks answers above their degraded copies less often with the proposal
 ACCEPTED_REASONS = (ACCEPTED, TRUNCATED)
-KEPT_REASONS = (NO_SAMPLES, NO_CRITERIA, INVALID, NO_SCALE, SENSE_CHECK, DOES_NOT_FIT)
+KEPT_REASONS = (NO_SAMPLES, NO_CRITERIA, INVALID, NO_SCALE, SENSE_CHECK, DOES_NOT_FIT, CANARY)
 
 Fits = Callable[[Rubric], bool]
+
+
+class Gate(Protocol):
+    """Decides whether a proposal that passed the text checks may replace the current rubric
+    (`reward.canary.CanaryGate`)."""
+
+    def evaluate(self, current: Rubric, proposal: Rubric, records: Sequence[dict[str, Any]],
+                 responses: Sequence[str], *, step: int | None = None) -> Any: ...
 
 
 def save_meta_evaluation(directory: str | os.PathLike, step: int, trace: dict[str, Any]) -> Path:
@@ -87,8 +99,10 @@ class MetaResult:
     criterion, chars, error}); `capped`: criteria counts cut to a limit ({stage, set, asked, kept, limit, by});
     `stopped`: conversations whose criteria turns ended early because the MRM could not take
     another turn ({stage, criterion, error}; criterion 0: not even the count question fit);
-    `sense_check`: the issues that rejected the proposal; `truncated`: how many criteria were
-    proposed and kept when only a prefix fits the judge.
+    `sense_check`: the issues that rejected the proposal; `sense_warnings`: quality findings
+    left to the canary gate; `truncated`: how many criteria were proposed and kept when only a
+    prefix fits the judge; `canary`: the gate's report (`CanaryReport.to_json()`), or
+    {"enabled": True, "ran": False, ...} when the proposal was refused before it, None without a gate.
     """
 
     rubric: Rubric  # the rubric in force after the step (the new one, or the previous one)
@@ -108,6 +122,8 @@ class MetaResult:
     sense_check: list[SenseIssue] = dataclasses.field(default_factory=list)
     truncated: dict[str, int] | None = None
     dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    sense_warnings: list[SenseIssue] = dataclasses.field(default_factory=list)
+    canary: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.reason_code:
@@ -128,7 +144,9 @@ class MetaResult:
             "previous_rubric": self.previous.render(), "rubric": self.rubric.render(),
             "iteration": self.rubric.iteration, "merged_text": self.merged_text, "timing_s": self.timing,
             "cleaned": self.cleaned, "dropped": self.dropped, "capped": self.capped, "stopped": self.stopped,
-            "sense_check": [issue.to_json() for issue in self.sense_check], "truncated": self.truncated,
+            "sense_check": [issue.to_json() for issue in self.sense_check],
+            "sense_check_warnings": [issue.to_json() for issue in self.sense_warnings],
+            "canary": self.canary, "truncated": self.truncated,
             "samples": [{"index": i, "prompt": samples[i].record, "response": samples[i].response,
                          "score": samples[i].score, "prescreen": p, "meta_analysis": a, "meta_refinement": r}
                         for i, p, a, r in zip(self.selected, self.prescreen or [None] * len(self.selected),
@@ -156,6 +174,8 @@ class _Trace:
     stopped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     sense_check: list[SenseIssue] = dataclasses.field(default_factory=list)
     dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    sense_warnings: list[SenseIssue] = dataclasses.field(default_factory=list)
+    canary: dict[str, Any] | None = None
 
     def result(self, rubric: Rubric, previous: Rubric, code: str, reason: str,
                truncated: dict[str, int] | None = None) -> MetaResult:
@@ -163,7 +183,8 @@ class _Trace:
                           selected=self.selected, prescreen=self.prescreen, analyses=self.analyses,
                           refinements=self.refinements, merged_text=self.merged_text, timing=self.timing,
                           reason_code=code, cleaned=self.cleaned, capped=self.capped, stopped=self.stopped,
-                          sense_check=self.sense_check, truncated=truncated, dropped=self.dropped)
+                          sense_check=self.sense_check, truncated=truncated, dropped=self.dropped,
+                          sense_warnings=self.sense_warnings, canary=self.canary)
 
 
 class MetaRewardModel:
@@ -227,19 +248,24 @@ class MetaRewardModel:
 
     # -- the step -------------------------------------------------------------------------------
     def meta_step(self, rubric: Rubric, samples: Sequence[MetaSample], rng: np.random.Generator | int,
-                  *, step: int | None = None, fits: Fits | None = None) -> MetaResult:
+                  *, step: int | None = None, fits: Fits | None = None, gate: Gate | None = None) -> MetaResult:
         """One meta step; the returned rubric is the one in force afterwards (logged either way).
 
         `fits(rubric) -> bool` says whether the judge can take a rubric (e.g. `Judge.fits`); a
         merged rubric that does not fit is cut to the longest prefix of its criteria that does.
+        `gate` (a `reward.canary.CanaryGate`) runs last, on the sampled rollouts; with it the
+        quality heuristics of the sense check only warn.
         """
-        result = self._meta_step(rubric, samples, rng, step, fits)
+        result = self._meta_step(rubric, samples, rng, step, fits, gate)
+        if gate is not None and result.canary is None:
+            result.canary = {"enabled": True, "ran": False, "decision": "not_run",
+                             "reason": f"the proposal was refused before the gate ({result.reason_code})"}
         _LOG.info("meta step %s: %s [%s] (rubric iteration %d, %d items)", step, result.reason, result.reason_code,
                   result.rubric.iteration, len(result.rubric.items))
         return result
 
     def _meta_step(self, rubric: Rubric, samples: Sequence[MetaSample], rng: np.random.Generator | int,
-                   step: int | None, fits: Fits | None) -> MetaResult:
+                   step: int | None, fits: Fits | None, gate: Gate | None) -> MetaResult:
         trace = _Trace()
         if not samples:
             return trace.result(rubric, rubric, NO_SAMPLES, "no buffered rollouts")
@@ -270,8 +296,9 @@ class MetaRewardModel:
             return trace.result(rubric, rubric, INVALID, f"merged rubric rejected: {exc}")
 
         if self.sense_check:
-            trace.sense_check = check_criteria(proposal.items, self._shown_texts(chosen), exclude=rubric.items,
-                                               max_copied_fraction=self.max_copied_fraction, n=self.copy_ngram)
+            found = check_criteria(proposal.items, self._shown_texts(chosen), exclude=rubric.items,
+                                   max_copied_fraction=self.max_copied_fraction, n=self.copy_ngram)
+            trace.sense_check, trace.sense_warnings = split_issues(found, gate=gate is not None)
             if trace.sense_check:
                 shown = "; ".join(str(issue) for issue in trace.sense_check[:3])
                 more = len(trace.sense_check) - 3
@@ -293,6 +320,14 @@ class MetaRewardModel:
         reason = (f"accepted: {len(new.items)} criteria" if truncated is None else
                   f"accepted: the first {truncated['kept']} of {truncated['proposed']} criteria, the longest prefix "
                   f"that fits the judge")
+        if gate is not None:
+            report = gate.evaluate(rubric, new, [s.record for s in chosen], [s.response for s in chosen], step=step)
+            trace.canary, trace.timing["canary"] = report.to_json(), report.seconds
+            if not report.passed:
+                return trace.result(rubric, rubric, CANARY, f"proposal refused by the canary gate: {report.reason}")
+            reason += f"; canary: {report.reason}"
+        if trace.sense_warnings:
+            reason += f"; {len(trace.sense_warnings)} quality warning(s) left to the gate"
         return trace.result(new, rubric, code, reason, truncated)
 
     def _system(self) -> list[dict]:

@@ -13,7 +13,7 @@ from typing import Any
 from mpo_jax.errors import FileFormatError, MissingFileError
 from mpo_jax.fileio import read_jsonl_objects
 from mpo_jax.reward.judge import Judge
-from mpo_jax.reward.meta import MetaRewardModel, MetaSample
+from mpo_jax.reward.meta import Gate, MetaResult, MetaRewardModel, MetaSample
 from mpo_jax.reward.rubric_history import RubricHistory
 from mpo_jax.rubric import Rubric
 from mpo_jax.tasks import Task
@@ -60,17 +60,20 @@ def score_rows(judge: Judge, rows: list[dict[str, Any]], batch_size: int = 16) -
 
 
 def meta_from_rows(mrm: MetaRewardModel, rubric: Rubric, rows: list[dict[str, Any]], out_dir: str | Path, *,
-                   seed: int = 0, fits: Callable[[Rubric], bool] | None = None) -> Path:
+                   seed: int = 0, fits: Callable[[Rubric], bool] | None = None, gate: Gate | None = None,
+                   install: Callable[[Rubric], None] | None = None) -> MetaResult:
     """One meta step on buffered rows; writes the rubric history and meta_evaluation_0.json to `out_dir`.
 
-    `fits` (e.g. a `Judge.fits`) cuts a merged rubric to the prefix the judge can take, as in training.
+    `fits` (e.g. a `Judge.fits`) cuts a merged rubric to the prefix the judge can take, `gate` (a
+    `CanaryGate` on that judge) decides whether it may replace `rubric`, and `install` (the judge's
+    `set_rubric`) must take it, as in training. Returns the step's result.
     """
     out_dir = Path(out_dir)
     samples = [MetaSample(record=_record(mrm.task, r), response=r["response"], score=float(r["score"]),
                           rationales=tuple(r.get("rationales") or ())) for r in rows]
     history = RubricHistory(rubric, reason="input rubric", limits=mrm.task.rubric_limits)
-    result = mrm.meta_step(rubric, samples, seed, step=0, fits=fits)
-    history.apply(result, created_step=0)
+    result = mrm.meta_step(rubric, samples, seed, step=0, fits=fits, gate=gate)
+    history.apply(result, created_step=0, install=install)
     result.save(out_dir, 0, samples)
     history.save(out_dir)
-    return out_dir
+    return result

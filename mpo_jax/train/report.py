@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -43,6 +44,7 @@ from mpo_jax.train.report_data import (
     MetaMarkers,
     ReportError,
     RunData,
+    add_score_fractions,
     is_number,
     load_run,
     meta_markers,
@@ -158,6 +160,52 @@ def _overview(run: RunData, markers: MetaMarkers) -> list[Block]:
     if run.problems:
         blocks.append(Para("Some optional files could not be read:"))
         blocks.extend(Code(problem) for problem in run.problems)
+    return blocks
+
+
+def _share(value: Any) -> str:
+    return f"{value:.2f}" if is_number(value) and math.isfinite(value) else "n/a"
+
+
+def _issues_text(issues: Any) -> str:
+    if not isinstance(issues, list) or not issues:
+        return ""
+    return "; ".join(f"#{i.get('item', '?')} {i.get('code', '?')}" for i in issues if isinstance(i, dict))
+
+
+def _decisions_section(run: RunData) -> list[Block]:
+    """Each meta step's decision and why, where a reader looks first: outcome, reason code,
+    the canary gate's shares (overall and per degradation kind) and the text checks' findings."""
+    blocks: list[Block] = [Heading(2, "Meta step decisions")]
+    if not run.meta_evaluations:
+        return blocks + [Para("No meta step has run yet.")]
+    rows, kinds_rows = [], []
+    for update, data in run.meta_evaluations:
+        canary = data.get("canary") if isinstance(data.get("canary"), dict) else None
+        if canary is None:
+            gate = "off"
+        elif not canary.get("ran"):
+            gate = "not run (refused before it)"
+        else:
+            gate = (f"{canary.get('decision', '?')}: current {_share(canary.get('current_share'))}, proposal "
+                    f"{_share(canary.get('proposal_share'))} ({canary.get('pairs', '?')} pairs, "
+                    f"{_format_number(canary.get('seconds'))} s)")
+            current, proposal = canary.get("current_by_kind") or {}, canary.get("proposal_by_kind") or {}
+            for kind in current:
+                kinds_rows.append((str(update), kind, _share(current.get(kind)), _share(proposal.get(kind))))
+        outcome = "installed" if data.get("accepted") is True else "kept"
+        checks = _issues_text(data.get("sense_check"))
+        warnings = _issues_text(data.get("sense_check_warnings"))
+        text = "; ".join(part for part in (checks and f"refused: {checks}", warnings and f"warnings: {warnings}")
+                         if part) or "passed"
+        rows.append((str(update), outcome, str(data.get("reason_code", "?")), gate, text,
+                     _clip(" ".join(str(data.get("reason", "")).split()), 300)))
+    blocks.append(Para("Canary shares: the share of (sampled answer, its degraded copy) pairs in which the judge "
+                       "scores the answer higher, ties half, under the current rubric and under the proposal."))
+    blocks.append(Table(("update", "outcome", "reason code", "canary gate", "text checks", "reason"), tuple(rows)))
+    if kinds_rows:
+        blocks.append(Para("Canary shares per degradation kind:"))
+        blocks.append(Table(("update", "kind", "current", "proposal"), tuple(kinds_rows)))
     return blocks
 
 
@@ -303,6 +351,7 @@ def build_blocks(run: RunData, plots: dict[str, Path], markers: MetaMarkers, *, 
         Heading(1, f"MPO run report: {name}"),
         Para(f"Generated {_format_time(time.time())}."),
         *_overview(run, markers),
+        *_decisions_section(run),
         *_plots_section(run, plots),
         *_last_metrics(run),
         *_rubric_section(run, text_limit),
@@ -429,6 +478,8 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ReportError(f"cannot create the report folder {out}: {err}; pass --out to write elsewhere") from err
+    problems = list(run.problems)
+    run = dataclasses.replace(add_score_fractions(run, problems), problems=tuple(problems))
     markers = meta_markers(run)
     plots = write_plots(run, out, markers)
     blocks = build_blocks(run, plots, markers, rollouts_per_version=rollouts_per_version, text_limit=text_limit)

@@ -21,7 +21,7 @@ import numpy as np
 from mpo_jax.errors import MpoError
 from mpo_jax.fileio import read_jsonl_lenient
 from mpo_jax.reward.rubric_history import HistoryEvent, RubricHistory
-from mpo_jax.rubric import Rubric, RubricError
+from mpo_jax.rubric import Rubric, RubricError, ScaleError, item_scale
 from mpo_jax.train.metrics import read_metrics
 from mpo_jax.train.run_dir import (
     CONFIG_FILE,
@@ -34,7 +34,8 @@ from mpo_jax.train.run_dir import (
     read_provenance,
 )
 
-__all__ = ["MetaMarkers", "ReportError", "RunData", "is_number", "load_run", "meta_markers", "metric_series"]
+__all__ = ["SCORE_FRACTION", "MetaMarkers", "ReportError", "RunData", "add_score_fractions", "is_number", "load_run",
+           "meta_markers", "metric_series", "score_fraction"]
 
 
 class ReportError(MpoError, ValueError):
@@ -176,3 +177,50 @@ def meta_markers(run: RunData) -> MetaMarkers:
            if is_number(record.get("meta/step")) and math.isfinite(record["meta/step"]) and record["meta/step"] != 0}
     ran |= {update for update, _ in run.meta_evaluations}
     return MetaMarkers(accepted=tuple(sorted(accepted)), kept=tuple(sorted(ran - accepted)))
+
+
+# -- the score as a fraction of the rubric's range --------------------------------------------------
+
+SCORE_FRACTION = "score/fraction_of_range"  # derived here: comparable across rubrics with other scales
+
+
+def score_fraction(score: float, rubric: Rubric, aggregate: str) -> float | None:
+    """Where `score` lies in the range the rubric's item scales allow, 0 at the bottom and 1 at the top.
+
+    A "sum" score runs from the sum of the items' lowest to the sum of their highest scores, so a
+    rubric the meta step rewrote (say from one 0-5 item to five 0-10 items) moves the raw score to
+    another scale; this fraction does not. A "mean_normalized" score is already that fraction.
+    None when an item has no readable scale. Task rules (a fixed score for an empty response) may
+    fall outside [0, 1]; they are not clipped.
+    """
+    if aggregate != "sum":
+        return score
+    try:
+        scales = [item_scale(item) for item in rubric.items]
+    except ScaleError:
+        return None
+    low, high = sum(lo for lo, _ in scales), sum(hi for _, hi in scales)
+    return (score - low) / (high - low) if high > low else None
+
+
+def add_score_fractions(run: RunData, problems: list[str]) -> RunData:
+    """The run's metrics with `SCORE_FRACTION` added where the score and the rubric in force are known."""
+    import dataclasses
+
+    aggregate = ((run.config or {}).get("judge") or {}).get("aggregate", "sum")
+    by_iteration = {rubric.iteration: rubric for rubric in run.versions}
+    missing: set[int] = set()
+    records = []
+    for record in run.metrics:
+        iteration = record.get("rubric/iteration")
+        if is_number(record.get("score/mean")) and is_number(iteration):
+            rubric = by_iteration.get(int(iteration))
+            fraction = None if rubric is None else score_fraction(float(record["score/mean"]), rubric, aggregate)
+            if rubric is None:
+                missing.add(int(iteration))
+            if fraction is not None:
+                record = {**record, SCORE_FRACTION: fraction}
+        records.append(record)
+    if missing:
+        problems.append(f"no rubric file for iteration(s) {sorted(missing)}: their scores have no fraction of range")
+    return dataclasses.replace(run, metrics=tuple(records))

@@ -36,7 +36,10 @@ class PlotSpec:
 
 
 PLOTS: tuple[PlotSpec, ...] = (
-    PlotSpec("score", "Judge score", ("score/mean", "objective/scores"), "score", band=("score/mean", "score/std")),
+    # The right axis: the score as a fraction of the range the rubric in force allows
+    # (`report_data.SCORE_FRACTION`), so a new rubric with a wider scale is not drawn as progress.
+    PlotSpec("score", "Judge score", ("score/mean", "objective/scores"), "score", ("score/fraction_of_range",),
+             "fraction of the rubric's range", band=("score/mean", "score/std")),
     PlotSpec("kl", "KL(policy || reference)", ("objective/kl",), "KL"),
     PlotSpec("response_length", "Response length", ("response/length_mean",), "tokens"),
     PlotSpec("rubric_length", "Rubric length", ("rubric/items",), "items", ("rubric/tokens",), "tokens", steps=True),
