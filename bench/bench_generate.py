@@ -18,7 +18,7 @@ Method
   `min_new_tokens = max_new_tokens` with the same end-of-turn ids, which does the same.
 * Compile time is excluded: every batch size is run once (same prompt, generation and batch
   buckets) before it is timed. Each timing is the median of `--repeats` runs.
-* Prefill (ours) is the jitted prefill function alone (`model.sampler._prefill_fn()`) on the
+* Prefill (ours) is the jitted prefill function alone (`model.sampler.prefill_program()`) on the
   padded [batch, prompt bucket] ids and a fresh KV cache, until its logits are ready. Prefill
   (transformers) is `generate(max_new_tokens=1)`, i.e. one forward pass over the prompts.
 * Decode time is (end-to-end generate time - prefill time). It includes the host work of one
@@ -203,7 +203,7 @@ def bench_ours(model: LanguageModel, prompts: list[list[int]], new_tokens: int, 
         tokens[i, prompt_len - len(ids):] = ids
         valid[i, prompt_len - len(ids):] = True
     tokens_d, valid_d = sampler._put(tokens), sampler._put(valid)
-    prefill = sampler._prefill_fn()
+    prefill = sampler.prefill_program()
 
     def fresh_cache():
         return jax.block_until_ready(sampler._new_cache(batch, cache_capacity(prompt_len, gen_len)))

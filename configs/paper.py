@@ -27,10 +27,11 @@ criterion; the judge's rubric length and item count derive from them.
 
 Model paths are local folders (Hugging Face checkpoints: config.json + safetensors); on a TPU VM
 download them once (`huggingface-cli download Qwen/Qwen2-1.5B-Instruct --local-dir ...`) or point
-them at a mounted bucket. Meshes (data, fsdp, tensor), by slice, untested on hardware here:
-  v4-8  (4 chips):  (1, 4, 1)  policy/critic fsdp; a 7B judge fits, 72B does not (use remote)
-  v5e-16 (16 chips): (1, 8, 2)  72B judge in bf16 sharded fsdp x tensor
-  v5p-64 (32 chips): (2, 4, 4)  data-parallel rollouts, 72B judge and MRM local
+them at a mounted bucket. Meshes (data, fsdp, tensor), by slice, from `mpo-jax plan` (every program
+compiled for the slice on a CPU host; docs/tpu.md, "Planning a run"), not run on hardware:
+  v5p-64 (32 chips): (2, 4, 4)  72B judge and MRM local: the judge's programs compile (~52 GiB of 95.74 per chip)
+  v5e-16 (16 chips): (1, 8, 2)  the policy side fits; the 72B judge and MRM do not (use a 7B/32B or remote judge)
+  v4-8  (4 chips):  (1, 4, 1)  policy/critic fsdp; a 72B judge does not fit (not yet planned: run mpo-jax plan)
 These configs are untested at full scale: this repository's CI runs on a 2-core CPU.
 """
 

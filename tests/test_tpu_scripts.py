@@ -323,7 +323,7 @@ def test_data_input_errors(capsys, tmp_path):
 
 LAUNCH = ["--config", "configs/paper.py:essay_mpo", "--run-dir", "/mnt/mpo-runs/paper_essay_mpo",
           "--data-dir", "mpo-data", "--mesh", "1,8,2", "--accelerator-type", "v5e-16", "--env", "FOO=a b 'c'",
-          f"--config.judge.model.name={WEIRD}", "--config.ppo.kl_coef=0.05"]
+          "--no-plan", f"--config.judge.model.name={WEIRD}", "--config.ppo.kl_coef=0.05"]
 TRAIN = ["mpo-jax/.venv/bin/mpo-jax", "train", "--config", "mpo-jax/configs/paper.py:essay_mpo",
          "--config.distributed.initialize=true", "--config.run_dir=/mnt/mpo-runs/paper_essay_mpo",
          "--config.data.tfds_dir=mpo-jax-tfds", "--config.log.progress=false", "--config.data.data_dir=mpo-data",
@@ -340,6 +340,43 @@ def test_launch_is_one_command_for_all_workers_with_the_distributed_flag(capsys)
     start = words.index("nohup") + 1
     assert words[start:words.index(">>", start)] == TRAIN
     assert "v5litepod-16 has 4 hosts" in out.err and "all of them share" in out.err
+
+
+def test_launch_plans_the_run_on_this_machine_first(capsys):
+    with_plan = [a for a in LAUNCH if a != "--no-plan"]
+    assert tpu.main(["launch", *BASE, *with_plan, "--plan-mpo-jax", "/opt/mpo/bin/mpo-jax", "--dry-run"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 2  # the plan here, then the one ssh to every worker
+    assert commands[0] == ["/opt/mpo/bin/mpo-jax", "plan", "--config", f"{ROOT}/configs/paper.py:essay_mpo",
+                           "--topology", "v5e-16", "--json", "mpo-jax-plan-v5e-16.json", "--model-configs",
+                           f"{ROOT}/configs/model_configs", "--config.mesh=(1, 8, 2)",
+                           f"--config.judge.model.name={WEIRD}", "--config.ppo.kl_coef=0.05"]
+    assert commands[1][:len(SSH) + 1] == [*SSH, "--worker=all"]
+    no_type = [a for a in with_plan if a not in ("--accelerator-type", "v5e-16")]
+    err = fails(capsys, "launch", *no_type)
+    assert "--accelerator-type" in err and "--no-plan" in err
+
+
+def test_launch_stops_before_the_tpu_when_the_plan_does_not_fit(capsys, monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    write_exe(bin_dir / "gcloud", f"#!{sys.executable}\nimport json, os, sys\n"
+                                  "open(os.environ['GCLOUD_LOG'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    write_exe(bin_dir / "mpo-jax", f"#!{sys.executable}\nimport json, os, sys\n"
+                                   "open(os.environ['PLAN_LOG'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                                   "print('ppo_update | DOES NOT FIT')\nsys.exit(int(os.environ['PLAN_STATUS']))\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GCLOUD_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.setenv("PLAN_LOG", str(tmp_path / "plan.log"))
+    argv = ["launch", *BASE, *[a for a in LAUNCH if a != "--no-plan"], "--plan-mpo-jax", str(bin_dir / "mpo-jax")]
+    monkeypatch.setenv("PLAN_STATUS", "1")
+    assert tpu.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit v5litepod-16" in err and "--no-plan" in err and "nothing was started" in err
+    assert read_calls(tmp_path / "plan.log")[0][:2] == ["plan", "--config"]
+    assert not (tmp_path / "calls.log").exists()  # gcloud never ran
+    monkeypatch.setenv("PLAN_STATUS", "0")
+    assert tpu.main(argv) == 0
+    assert read_calls(tmp_path / "calls.log")[0][:4] == ["compute", "tpus", "tpu-vm", "ssh"]
 
 
 def test_printed_commands_round_trip_through_shlex(capsys):
@@ -436,7 +473,7 @@ def test_launch_input_errors(capsys, argv, expected):
 
 def test_a_mesh_that_divides_one_hosts_chips_is_accepted(capsys):
     words = shlex.split(script_of(dry(capsys, "launch", "--config", "c.py", "--run-dir", "r", "--mesh", "(1, 2, 1)",
-                                      "--accelerator-type", "v4-8")[0]))
+                                      "--accelerator-type", "v4-8")[-1]))  # after the plan: the ssh
     assert "--config.mesh=(1, 2, 1)" in words and "/c.py" not in words and "mpo-jax/c.py" in words
 
 

@@ -13,6 +13,9 @@ only, so it runs wherever gcloud is installed, without JAX.
     python tpu_scripts/tpu.py launch --name mpo --project my-proj --zone us-central2-b \\
         --config configs/paper.py:essay_mpo --run-dir /mnt/mpo-runs/essay --mesh 1,4,1 --dry-run
 
+`launch` first runs `mpo-jax plan` on this machine (the checkout's .venv with the tpu extra) for the
+same config and accelerator type, and starts nothing when the run does not fit (`--no-plan` skips).
+
 Paths on the TPU hosts are absolute or relative to the login user's home directory (every
 script starts with `cd "$HOME"`). docs/tpu.md has a worked example and what works with gs://.
 """
@@ -273,6 +276,8 @@ class Plan:
 
     commands: tuple[tuple[str, ...], ...]
     notes: tuple[str, ...] = ()
+    # Per command (or none): what a failure of that command means and what to do, instead of the generic message.
+    failure_hints: tuple[str, ...] = ()
 
 
 def q(text: str) -> str:
@@ -500,6 +505,34 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log on each worker (default ~/mpo-jax-logs/train.log; the pid goes next to it)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the run (repeatable; shown in --dry-run output)")
+    parser.add_argument("--no-plan", action="store_true",
+                        help="skip `mpo-jax plan` on this machine (by default launch first compiles the run for "
+                             "--accelerator-type and refuses a config that does not fit)")
+    parser.add_argument("--plan-mpo-jax", default=None, metavar="PATH",
+                        help="the local mpo-jax (with the tpu extra) that runs the plan (default: this checkout's "
+                             ".venv/bin/mpo-jax, else mpo-jax on PATH)")
+    parser.add_argument("--plan-json", default=None, metavar="FILE",
+                        help="where the plan writes its JSON report (default: mpo-jax-plan-<type>.json here)")
+
+
+def local_checkout() -> str:
+    """The checkout this script belongs to (tpu_scripts/..), where launch's plan finds the config file."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def plan_argv(args: argparse.Namespace, accelerator: Accelerator) -> list[str]:
+    """`mpo-jax plan` on this machine for the same config, mesh and overrides as the run."""
+    root = local_checkout()
+    mpo_jax = args.plan_mpo_jax or (os.path.join(root, ".venv", "bin", "mpo-jax")
+                                    if os.path.exists(os.path.join(root, ".venv", "bin", "mpo-jax")) else "mpo-jax")
+    config = args.config if os.path.isabs(args.config) else os.path.join(root, args.config)
+    report = args.plan_json or f"mpo-jax-plan-{accelerator.generation.name}-{accelerator.size}.json"
+    argv = [mpo_jax, "plan", "--config", config, "--topology", f"{accelerator.generation.name}-{accelerator.size}",
+            "--json", report, "--model-configs", os.path.join(root, "configs", "model_configs")]
+    if args.mesh:
+        mesh = parse_mesh(args.mesh)
+        argv.append(f"--config.mesh=({mesh[0]}, {mesh[1]}, {mesh[2]})")
+    return argv + parse_overrides(getattr(args, "overrides", None) or [])
 
 
 def train_argv(args: argparse.Namespace, repo: str, run_dir: str) -> list[str]:
@@ -550,7 +583,16 @@ def plan_launch(args: argparse.Namespace) -> Plan:
         notes.append(f"{accelerator.gcloud_type} has {accelerator.hosts} hosts: {run_dir} must be storage that all "
                      "of them share (a gcsfuse mount or NFS), because every process writes its shards of each "
                      "checkpoint into the same folder")
-    return Plan((ssh(target, "all", script),), tuple(notes))
+    launch = ssh(target, "all", script)
+    if args.no_plan:
+        return Plan((launch,), tuple(notes))
+    if accelerator is None:
+        raise TpuScriptError("launch plans the run first and needs the slice type: give --accelerator-type (or set "
+                             f"${ENV_ACCELERATOR}), or skip the plan with --no-plan")
+    hint = (f"mpo-jax plan says this run does not fit {accelerator.gcloud_type} (or could not plan it): see its table "
+            "above and what to change; nothing was started on the TPU. Fix the config or mesh, or launch with "
+            "--no-plan to skip the check")
+    return Plan((tuple(plan_argv(args, accelerator)), launch), tuple(notes), failure_hints=(hint, ""))
 
 
 # logs, status, stop, sync, delete ----------------------------------------------------------
@@ -687,7 +729,7 @@ COMMANDS = (
             plan_setup),
     Command("data", "copy (gcloud storage rsync) or mount (gcsfuse) a bucket folder on the workers",
             add_data_arguments, plan_data),
-    Command("launch", "start mpo-jax train on every worker in the background (nohup, log file)",
+    Command("launch", "plan the run here (mpo-jax plan), then start mpo-jax train on every worker (nohup, log file)",
             add_launch_arguments, plan_launch),
     Command("logs", "stream a worker's training log (or all of them)", add_logs_arguments, plan_logs),
     Command("status", "describe the node or queued resource; --processes asks the workers", add_status_arguments,
@@ -726,10 +768,15 @@ def format_command(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-def execute(commands: Sequence[Sequence[str]]) -> int:
+def execute(commands: Sequence[Sequence[str]], failure_hints: Sequence[str] = ()) -> int:
     """Run each command in turn (check=True); report the first failure as an error (status 2)."""
     for program in sorted({argv[0] for argv in commands}):
         if shutil.which(program) is None:
+            if os.path.basename(program) == "mpo-jax":
+                print(f"error: {program} is not on PATH: launch runs `mpo-jax plan` on this machine first; install "
+                      "mpo-jax here with the tpu extra (make install, then .venv/bin/pip install -e '.[tpu]'), give "
+                      "--plan-mpo-jax PATH, or skip the plan with --no-plan", file=sys.stderr)
+                return 2
             print(f"error: {program} is not on PATH; install the Google Cloud CLI "
                   "(https://cloud.google.com/sdk/docs/install) and run gcloud auth login, or use --dry-run to only "
                   "print the commands", file=sys.stderr)
@@ -739,6 +786,10 @@ def execute(commands: Sequence[Sequence[str]]) -> int:
         try:
             subprocess.run(list(argv), check=True)
         except subprocess.CalledProcessError as err:
+            hint = failure_hints[number - 1] if number <= len(failure_hints) else ""
+            if hint:
+                print(f"error: {hint} (exit status {err.returncode})", file=sys.stderr)
+                return 2
             print(f"error: command {number} of {len(commands)} ({' '.join(argv[:5])} ...) failed with exit status "
                   f"{err.returncode}; see its output above", file=sys.stderr)
             return 2
@@ -763,7 +814,7 @@ def run_tpu(args: argparse.Namespace) -> int:
         for argv in plan.commands:
             print(format_command(argv))
         return 0
-    return execute(plan.commands)
+    return execute(plan.commands, plan.failure_hints)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ conversation and a next turn only prefills its own new tokens (`Sampler.continue
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,13 @@ def cache_capacity(prompt_len: int, gen_len: int) -> int:
     prompt prefills 384 slots but shares the 512 + gen_len cache, and its decode loop, with 512.
     """
     return (1 << (prompt_len - 1).bit_length()) + gen_len
+
+
+def continued_capacity(capacity: int, cursor: int, chunk_len: int, gen_len: int) -> int:
+    """KV-cache slots for a continued turn: the cache as it is, or grown in `CACHE_GROWTH` steps so that
+    conversations of similar length share compiled shapes (`Sampler.continue_`, and `mpo_jax.plan`)."""
+    needed = cursor + chunk_len + gen_len
+    return capacity if needed <= capacity else -(-needed // CACHE_GROWTH) * CACHE_GROWTH
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, batch: int | None = None,
@@ -270,8 +278,11 @@ class Sampler:
         self._compiled: dict[tuple, Any] = {}
         self._token_strings: list[str] | None = None
 
-    # -- compiled functions --------------------------------------------------------------------
-    def _shardings(self, cache_shape: tuple[int, ...]):
+    # -- compiled functions ------------------------------------------------------------------
+    # The runtime calls these with real arrays; `mpo_jax.plan` lowers the same jitted functions on
+    # the `abstract_*` inputs below, so what the plan compiles for a TPU is what generation runs.
+    def cache_shardings(self, cache_shape: tuple[int, ...]) -> KVCache:
+        """Shardings of a KV cache of `cache_shape` [L, B, S, Hkv, D] on this sampler's mesh."""
         mesh = self.mesh
         cache_s = sharding_lib.cache_sharding(mesh, cache_shape)
         b, s = cache_shape[1], cache_shape[2]
@@ -282,20 +293,55 @@ class Sampler:
     def _param_shardings(self):
         return jax.tree.map(lambda x: x.sharding, self.params)
 
-    def _prefill_fn(self):
+    def prefill_program(self):
+        """jit(prefill)(params, tokens [B, P], valid [B, P], cache) -> (last logits [B, V], cache); cache donated."""
         key = ("prefill",)
         if key not in self._compiled:
             fn = build_prefill(self.graphdef)
             self._compiled[key] = jax.jit(fn, donate_argnums=(3,))
         return self._compiled[key]
 
-    def _decode_fn(self, max_steps: int, top_k: int, use_top_p: bool):
+    def decode_program(self, max_steps: int, top_k: int, use_top_p: bool):
+        """jit(decode loop) for one generation bucket and filter set; the cache is donated."""
         key = ("decode", max_steps, top_k, use_top_p)
         if key not in self._compiled:
             fn = build_decode_loop(self.graphdef, self.tokenizer.pad_id, max_steps, top_k, use_top_p,
                                    self.unroll_layers)
             self._compiled[key] = jax.jit(fn, donate_argnums=(1,))
         return self._compiled[key]
+
+    def _abstract(self, shape: tuple[int, ...], dtype, batch_axis: bool = True) -> jax.ShapeDtypeStruct:
+        """A shape-only input placed as `_put` places a host array of that shape."""
+        if self.mesh is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        sharding = (sharding_lib.batch_sharding(self.mesh, shape) if batch_axis
+                    else sharding_lib.replicated(self.mesh))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    def abstract_cache(self, batch: int, capacity: int) -> KVCache:
+        """The shapes and shardings of `_new_cache(batch, capacity)`, allocating nothing."""
+        cache = jax.eval_shape(lambda: KVCache.create(self.config, batch, capacity))
+        if self.mesh is None:
+            return cache
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                            self.cache_shardings(cache.k.shape))
+
+    def abstract_prefill_args(self, batch: int, length: int, cache: KVCache) -> tuple:
+        """(params, tokens, valid, cache) as `_run` passes them to `prefill_program()`."""
+        return (self.params, self._abstract((batch, length), jnp.int32), self._abstract((batch, length), jnp.bool_),
+                cache)
+
+    def abstract_decode_args(self, cache: KVCache, logits: jax.ShapeDtypeStruct, *, states: int = 1,
+                             stop_ids: int = STOP_ID_BUCKETS[0], stop_shape: tuple[int, int] = (1, 1)) -> tuple:
+        """The arguments `_run` passes to `decode_program(...)`: `states` constraint states (bucketed),
+        `stop_ids` end-token slots and a `stop_shape` table of stop sequences."""
+        batch, vocab = logits.shape
+        replicated = functools.partial(self._abstract, batch_axis=False)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        return (self.params, cache, logits, replicated(key.shape, key.dtype), replicated((), jnp.float32),
+                replicated((), jnp.float32), replicated((), jnp.int32), self._abstract((batch,), jnp.bool_),
+                replicated((stop_ids,), jnp.int32), replicated(stop_shape, jnp.int32),
+                replicated((states, vocab), jnp.bool_), replicated((states, vocab), jnp.int32))
 
     def _put(self, array: np.ndarray, batch_axis: bool = True):
         if self.mesh is None:
@@ -307,7 +353,7 @@ class Sampler:
     def _new_cache(self, batch: int, capacity: int) -> KVCache:
         cache = KVCache.create(self.config, batch, capacity)
         if self.mesh is not None:
-            cache = jax.device_put(cache, self._shardings(cache.k.shape))
+            cache = jax.device_put(cache, self.cache_shardings(cache.k.shape))
         return cache
 
     # -- public API ----------------------------------------------------------------------------
@@ -352,14 +398,13 @@ class Sampler:
         needed = state.cursor + chunk_len + gen_len
         cache = state.cache
         if needed > cache.capacity:
-            # Grow in fixed steps so that conversations of similar length share compiled shapes.
-            capacity = -(-needed // CACHE_GROWTH) * CACHE_GROWTH
+            capacity = continued_capacity(cache.capacity, state.cursor, chunk_len, gen_len)
             if capacity > self.config.max_position_embeddings:
                 raise InvalidValueError(f"the conversation needs {needed} positions but the model has "
                                         f"{self.config.max_position_embeddings}; start a new conversation")
             cache = cache.grow(capacity)
             if self.mesh is not None:
-                cache = jax.device_put(cache, self._shardings(cache.k.shape))
+                cache = jax.device_put(cache, self.cache_shardings(cache.k.shape))
         state = dataclasses.replace(state, cache=cache)
         return self._run(state, new_ids, chunk_len, gen_len, params, constraint)
 
@@ -371,12 +416,12 @@ class Sampler:
         active = np.zeros((batch,), bool)
         active[:rows] = True
 
-        logits, cache = self._prefill_fn()(self.params, self._put(tokens), self._put(valid), state.cache)
+        logits, cache = self.prefill_program()(self.params, self._put(tokens), self._put(valid), state.cache)
 
         stop_ids, stop_seqs = self._stop_tables(params)
         constraint = constraint or constraints_lib.unconstrained(self.config.vocab_size)
         allowed, next_state = constraint.padded(constraints_lib.bucket_states(constraint.num_states))
-        decode = self._decode_fn(gen_len, params.top_k, params.top_p < 1.0)
+        decode = self.decode_program(gen_len, params.top_k, params.top_p < 1.0)
         out = decode(self.params, cache, logits, jax.random.key(params.seed),
                      jnp.float32(params.temperature), jnp.float32(params.top_p),
                      jnp.int32(params.max_new_tokens), self._put(active), jnp.asarray(stop_ids),

@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -125,8 +124,8 @@ class Judge:
         self._prefix_valid: np.ndarray | None = None
         self._prefix_cache: KVCache | None = None
         if self.local:
-            self._prefill_prefix = jax.jit(judge_engine.build_prefix_prefill(model.graphdef), donate_argnums=(3,))
-            self._score_items = jax.jit(judge_engine.build_item_scorer(model.graphdef))
+            self._prefill_prefix = judge_engine.prefix_prefill_program(model.graphdef)
+            self._score_items = judge_engine.item_scorer_program(model.graphdef)
             strings = model.sampler.token_strings()
             digit = np.array([bool(s) and s.isascii() and s.isdigit() for s in strings], bool)
             self._digit_mask = np.zeros((model.config.vocab_size,), bool)

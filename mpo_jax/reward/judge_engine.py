@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mpo_jax.errors import InvalidValueError
+from mpo_jax.models.config import ModelConfig
 from mpo_jax.models.kv_cache import ContextKV, KVCache
 
 
@@ -84,6 +86,46 @@ def tile_cache(cache: KVCache, batch: int) -> KVCache:
 
     return KVCache(k=tiled(cache.k, 1), v=tiled(cache.v, 1), valid=tiled(cache.valid, 0),
                    cursor=jnp.array(cache.cursor, copy=True), next_position=tiled(cache.next_position, 0))
+
+
+def prefix_prefill_program(graphdef: nnx.GraphDef):
+    """jit(prefix prefill)(params, tokens [1, S], valid [1, S], cache) -> cache; the cache is donated.
+
+    The judge runs it and `mpo_jax.plan` compiles it (`abstract_prefix_args`), from this one place.
+    """
+    return jax.jit(build_prefix_prefill(graphdef), donate_argnums=(3,))
+
+
+def item_scorer_program(graphdef: nnx.GraphDef):
+    """jit(`build_item_scorer`): the logits-mode scorer the judge runs and the plan compiles."""
+    return jax.jit(build_item_scorer(graphdef))
+
+
+def _host_input(shape: tuple[int, ...], dtype, mesh: Mesh | None) -> jax.ShapeDtypeStruct:
+    """A host array the judge hands to a program with `jnp.asarray` (uncommitted: replicated on a mesh)."""
+    sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def abstract_prefix_args(params, config: ModelConfig, mesh: Mesh | None, capacity: int, batch: int = 1) -> tuple:
+    """(params, tokens, valid, cache) as `Judge._prefix` passes them to `prefix_prefill_program`, as shapes."""
+    cache = jax.eval_shape(lambda: KVCache.create(config, batch, capacity))
+    cache = jax.tree.map(lambda x: _host_input(x.shape, x.dtype, mesh), cache)
+    return (params, _host_input((batch, capacity), jnp.int32, mesh), _host_input((batch, capacity), jnp.bool_, mesh),
+            cache)
+
+
+def abstract_scorer_args(params, prefix_cache, mesh: Mesh | None, *, vocab: int, batch: int, sample_len: int,
+                         item_len: int, items: int, candidates: int, prefixes: int) -> tuple:
+    """The arguments `Judge._score_logits` passes to `item_scorer_program`, as shapes."""
+    def host(shape, dtype):
+        return _host_input(shape, dtype, mesh)
+
+    k, c, d = items, candidates, prefixes
+    return (params, prefix_cache, host((batch, sample_len), jnp.int32), host((batch, sample_len), jnp.bool_),
+            host((k, batch, item_len), jnp.int32), host((k, batch, item_len), jnp.bool_), host((vocab,), jnp.bool_),
+            host((k, c), jnp.int32), host((k, c), jnp.int32), host((k, c), jnp.float32), host((k, c), jnp.bool_),
+            host((k, d), jnp.int32), host((k, c), jnp.bool_), host((k, c), jnp.int32))
 
 
 def build_prefix_prefill(graphdef: nnx.GraphDef):

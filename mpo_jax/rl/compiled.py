@@ -55,6 +55,22 @@ def place_batch(batch: RolloutBatch, mesh: Mesh | None) -> RolloutBatch:
     return jax.tree.map(lambda x: sharding_lib.place(np.asarray(x), spec), batch)
 
 
+def abstract_rows(shape: tuple[int, ...], dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    """A per-rollout array as `place_batch` lays it out (leading axis over data x fsdp), as shapes."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_spec(mesh))
+
+
+def abstract_batch(batch: int, query_len: int, response_len: int, mesh: Mesh) -> RolloutBatch:
+    """The `RolloutBatch` the trainer places for an update, as shapes and shardings (`mpo_jax.plan`)."""
+    b, p, r = batch, query_len, response_len
+    i32, f32, bool_ = np.int32, np.float32, np.bool_
+    return RolloutBatch(query=abstract_rows((b, p), i32, mesh), query_mask=abstract_rows((b, p), bool_, mesh),
+                        response=abstract_rows((b, r), i32, mesh), response_mask=abstract_rows((b, r), bool_, mesh),
+                        logprobs=abstract_rows((b, r), f32, mesh), ref_logprobs=abstract_rows((b, r), f32, mesh),
+                        values=abstract_rows((b, r), f32, mesh), scores=abstract_rows((b,), f32, mesh),
+                        contains_eos=abstract_rows((b,), bool_, mesh))
+
+
 def compile_update(update_fn: Callable, state: TrainState, mesh: Mesh | None) -> Callable:
     """jit(update) with in/out shardings and the state donated."""
     if mesh is None:

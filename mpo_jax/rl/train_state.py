@@ -85,12 +85,14 @@ def split_role(graphdef: nnx.GraphDef, params: nnx.State, *, lora: bool) -> tupl
 
 
 def create_train_state(policy: Any, critic: Any | None, config: OptimizerConfig, *,
-                       needs_values: bool = True) -> TrainState:
+                       needs_values: bool = True, abstract: bool = False) -> TrainState:
     """Build the state from `LanguageModel`s (policy; critic with a value head, or None).
 
     LoRA is used when the policy's config has `lora_rank > 0`. With `critic=None` and
     `needs_values` (PPO) the policy itself must have a value head (a critic sharing the policy
-    trunk); GRPO passes `needs_values=False`.
+    trunk); GRPO passes `needs_values=False`. `abstract=True` takes models whose parameters are
+    `jax.ShapeDtypeStruct`s (`mpo_jax.plan`) and allocates nothing: the optimizer state comes from
+    `jax.eval_shape`, its moments carrying their parameters' shardings as the real ones do.
     """
     lora = policy.config.lora_rank > 0
     if critic is None and needs_values and not policy.config.value_head:
@@ -104,6 +106,26 @@ def create_train_state(policy: Any, critic: Any | None, config: OptimizerConfig,
     if critic is not None:
         critic_role, params["critic"] = split_role(critic.graphdef, critic.params, lora=critic.config.lora_rank > 0)
     tx = make_optimizer(config)
-    ref = None if lora else jax.tree.map(jnp.copy, policy_params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), policy=policy_role,
+    if abstract:
+        step, opt_state = jax.ShapeDtypeStruct((), jnp.int32), abstract_opt_state(tx, params)
+        ref = None if lora else policy_params  # shape-only: the copy is the same description
+    else:
+        step, opt_state = jnp.zeros((), jnp.int32), tx.init(params)
+        ref = None if lora else jax.tree.map(jnp.copy, policy_params)
+    return TrainState(step=step, params=params, opt_state=opt_state, policy=policy_role,
                       critic=critic_role, ref_params=ref, tx=tx)
+
+
+def abstract_opt_state(tx: optax.GradientTransformation, params: Any) -> optax.OptState:
+    """`tx.init(params)` as shapes: moments sharded like their parameters (as `zeros_like` of a
+    sharded array is), everything else (counters, hyper-parameters) without a sharding (replicated)."""
+    shapes = jax.eval_shape(tx.init, params)
+    tree = jax.tree.structure(params)
+
+    def like_params(node: Any) -> Any:
+        if jax.tree.structure(node) != tree:  # a counter or hyper-parameter
+            return node
+        return jax.tree.map(lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(p, "sharding", None)),
+                            node, params)
+
+    return jax.tree.map(like_params, shapes, is_leaf=lambda node: jax.tree.structure(node) == tree)

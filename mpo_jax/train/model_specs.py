@@ -25,25 +25,37 @@ def check_model_available(spec: ModelSpec, key: str) -> None:
         raise ConfigError(f"config.{key}.name = {spec.name!r}: {err} (or {TINY!r} for a tiny random model)") from None
 
 
+def load_options(spec: ModelSpec, *, value_head: bool = False, trainable: bool = False) -> dict[str, Any]:
+    """The `load_model` keywords for `spec`; LoRA adapters only for trainable models with lora_rank > 0.
+
+    `mpo_jax.plan` derives its shape-only models from these too, so both see the same configuration.
+    """
+    return dict(dtype=spec.dtype, value_head=value_head, remat=spec.remat, remat_policy=spec.remat_policy,
+                attention_impl=spec.attention_impl, attention_block=spec.attention_block,
+                lora_rank=spec.lora_rank if trainable else 0, lora_alpha=spec.lora_alpha,
+                lora_targets=tuple(spec.lora_targets))
+
+
+def tiny_config(spec: ModelSpec, tokenizer: Any, *, value_head: bool = False, trainable: bool = False):
+    """The `ModelConfig` of a "tiny-random" spec (what `build_model` initialises at random)."""
+    from mpo_jax.engine.tiny import tiny_model_config
+
+    options = load_options(spec, value_head=value_head, trainable=trainable)
+    dtype = options.pop("dtype")
+    return tiny_model_config(tokenizer, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
+                             dtype=dtype, param_dtype=dtype, **options)
+
+
 def build_model(spec: ModelSpec, mesh: Mesh | None, *, value_head: bool = False, trainable: bool = False,
                 **sampler_kwargs: Any) -> LanguageModel:
     """A `LanguageModel` for `spec`; LoRA adapters only for trainable models with lora_rank > 0."""
-    lora_rank = spec.lora_rank if trainable else 0
     if spec.name == TINY:
-        from mpo_jax.engine.tiny import tiny_model_config, tiny_tokenizer
+        from mpo_jax.engine.tiny import tiny_tokenizer
 
         tokenizer = tiny_tokenizer(spec.tiny_vocab_size)
-        config = tiny_model_config(tokenizer, hidden_size=spec.tiny_hidden_size, num_layers=spec.tiny_layers,
-                                   dtype=spec.dtype, param_dtype=spec.dtype, remat=spec.remat,
-                                   remat_policy=spec.remat_policy, attention_impl=spec.attention_impl,
-                                   attention_block=spec.attention_block, value_head=value_head,
-                                   lora_rank=lora_rank, lora_alpha=spec.lora_alpha,
-                                   lora_targets=tuple(spec.lora_targets))
+        config = tiny_config(spec, tokenizer, value_head=value_head, trainable=trainable)
         return from_random(config, tokenizer, seed=spec.seed, mesh=mesh, **sampler_kwargs)
-    return load_model(spec.name, dtype=spec.dtype, mesh=mesh, value_head=value_head, remat=spec.remat,
-                      remat_policy=spec.remat_policy, attention_impl=spec.attention_impl,
-                      attention_block=spec.attention_block,
-                      lora_rank=lora_rank, lora_alpha=spec.lora_alpha, lora_targets=tuple(spec.lora_targets),
+    return load_model(spec.name, mesh=mesh, **load_options(spec, value_head=value_head, trainable=trainable),
                       **sampler_kwargs)
 
 
