@@ -1,4 +1,5 @@
-"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `models`.
+"""`mpo-jax` command line. Subcommands: `train`, `generate`, `score`, `meta`, `eval`, `export`, `report`, `plan`,
+`models`.
 
 A refused input (any `MpoError`: a bad rubric file, config key, model path, ...) prints one line,
 `error: <message>`, and exits with status 2; any other exception is a bug and keeps its traceback.
@@ -141,9 +142,41 @@ def _meta(args: argparse.Namespace) -> int:
     mrm = MetaRewardModel(model, task=task, num_samples=args.num_samples, analysis_tokens=args.analysis_tokens,
                           item_tokens=args.item_tokens, max_items=args.max_items,
                           merged_rubric_words=args.merged_rubric_words, sense_check=not args.no_sense_check)
-    out = meta_from_rows(mrm, rubric, rows, args.out, seed=args.seed)
-    print(f"meta step written to {out} (rubric_history.json, rubric_iter_*.txt, meta_evaluation_0.json)")
+    judge, gate = _meta_judge(args, task, rubric)
+    result = meta_from_rows(mrm, rubric, rows, args.out, seed=args.seed, fits=judge.fits if judge else None,
+                            gate=gate, install=judge.set_rubric if judge else None)
+    verdict = "accepted" if result.accepted else f"kept the input rubric [{result.reason_code}]"
+    print(f"meta step {verdict}: {result.reason}")
+    print(f"written to {args.out} (rubric_history.json, rubric_iter_*.txt, meta_evaluation_0.json)")
     return 0
+
+
+def _meta_judge(args: argparse.Namespace, task, rubric):
+    """(judge, canary gate) for `mpo-jax meta --judge-model`, or (None, None): then the text
+    checks alone decide, quality heuristics included."""
+    if not args.judge_model:
+        if args.judge_base_url:
+            raise InvalidValueError("--judge-base-url needs --judge-model (the served model name)")
+        return None, None
+    from mpo_jax.reward.canary import CanaryGate, CanarySettings
+    from mpo_jax.reward.judge import Judge
+
+    if args.judge_base_url:
+        from mpo_jax.engine.remote import RemoteChatModel
+
+        model = RemoteChatModel(args.judge_base_url, args.judge_model, api_key_env=args.api_key_env)
+        mode = "generate"
+    else:
+        from mpo_jax.engine.language_model import load_model
+
+        model, mode = load_model(args.judge_model, dtype=args.dtype), args.judge_mode
+    judge = Judge(model, task=task, mode=mode, max_rubric_tokens=args.judge_max_rubric_tokens)
+    judge.set_rubric(rubric)
+    if args.no_canary:
+        return judge, None
+    settings = CanarySettings(tolerance=args.canary_tolerance, floor=args.canary_floor,
+                              num_samples=args.canary_samples)
+    return judge, CanaryGate(judge, task, settings, seed=args.seed)
 
 
 def _judge_side_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--no-sense-check", action="store_true",
                       help="accept criteria that copy the samples or carry no scoring guidance")
     meta.add_argument("--seed", type=int, default=0)
+    meta.add_argument("--judge-model", help="judge for the canary gate (preset, .gguf, HF folder, or the served "
+                                            "name with --judge-base-url); without it the text checks alone decide")
+    meta.add_argument("--judge-mode", default="logits", choices=["logits", "generate"],
+                      help="local judge protocol (a remote judge always generates)")
+    meta.add_argument("--judge-base-url", help="an OpenAI-compatible endpoint serving --judge-model")
+    meta.add_argument("--judge-max-rubric-tokens", type=int, default=2048, help="the judge's rubric prefix budget")
+    meta.add_argument("--no-canary", action="store_true",
+                      help="with --judge-model: no canary gate (the text checks and the judge's fit decide)")
+    meta.add_argument("--canary-tolerance", type=float, default=0.02,
+                      help="how far below the current rubric's canary share the proposal's may fall")
+    meta.add_argument("--canary-floor", type=float, default=0.5, help="the share the proposal must exceed")
+    meta.add_argument("--canary-samples", type=int, default=8, help="sampled answers in the canary set")
     meta.set_defaults(func=_meta)
 
     report = sub.add_parser("report", help="plots and a rubric-history page for a run directory")
@@ -228,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_arguments(export)
     export.set_defaults(func=run_export)
+
+    plan = sub.add_parser("plan", help="compile one update's programs for a TPU topology (no TPU, no weights) and "
+                                       "check that the run fits its HBM")
+    from mpo_jax.plan.cli import add_plan_arguments, run_plan_command
+
+    add_plan_arguments(plan)
+    plan.set_defaults(func=run_plan_command)
 
     models = sub.add_parser("models", help="list the named model presets")
     models.set_defaults(func=_models)

@@ -300,9 +300,11 @@ def test_the_new_rubric_reaches_the_reward_from_the_update_after_the_meta_step(t
     """Remote judge and meta model (the loopback server): rubric iteration 1 is installed at update 2's
     meta step and every score from update 3 on is the new rubric's (2 items x 5), not the old one's (1 x 1)."""
     run_dir = tmp_path / "remote"
+    # The judge gives every response one score per rubric, so the canary gate (which would see
+    # only ties) is off here: this checks the install path, as the published MPO runs it.
     run_in_process(run_dir, f"--config.judge.remote.base_url={mpo_server.url}", "--config.judge.mode=generate",
                    f"--config.meta.remote.base_url={mpo_server.url}", "--config.num_updates=3",
-                   "--config.log.report=false")
+                   "--config.log.report=false", "--config.meta.canary.enabled=false")
     metrics = metrics_by_update(run_dir)
     assert [metrics[u]["score/mean"] for u in (1, 2, 3)] == [OLD_RUBRIC_SCORE, OLD_RUBRIC_SCORE,
                                                              len(NEW_CRITERIA) * NEW_RUBRIC_SCORE]
@@ -319,6 +321,59 @@ def test_the_new_rubric_reaches_the_reward_from_the_update_after_the_meta_step(t
     judge_systems = [s.body["messages"][0]["content"] for s in mpo_server.seen
                      if s.body["messages"][0]["content"].startswith(essay_judge)]
     assert "Brevity and focus" in judge_systems[-1] and "Brevity and focus" not in judge_systems[0]
+
+
+def scripted_canary(index, seen):
+    """As `scripted_mpo`, but the judge's score depends on the response: short is good under the
+    old rubric, long under the new one. The tiny policy writes a few tokens and most degradations
+    (a refusal, a note to the grader, foreign text) are longer, so the canary share falls and iter0 stays."""
+    from fake_openai import ok
+
+    messages = seen.body["messages"]
+    system, last = messages[0]["content"], messages[-1]["content"]
+    if system.startswith(get_task("essay").judge_system) and "single integer" in last:
+        label = get_task("essay").response_label
+        response = messages[1]["content"].split(f"[Start of {label}]")[1].split(f"[End of {label}]")[0]
+        short = 5 - min(5, len(response.split()) // 4)
+        return ok(str(5 - short if "Brevity and focus" in system else short))
+    return scripted_mpo(index, seen)
+
+
+def test_every_meta_step_records_the_canary_decision_and_a_resume_repeats_it(tmp_path, cache_env):
+    from fake_openai import FakeServer
+
+    server = FakeServer(scripted_canary, max_requests=100_000, lifetime_s=900).start()
+    try:
+        run_dir = tmp_path / "canary"
+        args = (f"--config.judge.remote.base_url={server.url}", "--config.judge.mode=generate",
+                f"--config.meta.remote.base_url={server.url}", "--config.num_updates=3", "--config.log.report=false",
+                "--config.meta.canary.num_samples=4")
+        run_in_process(run_dir, *args)
+        first = json.loads((run_dir / "meta_evaluation_2.json").read_text())
+        metrics = metrics_by_update(run_dir)
+        # Resume from update 1's checkpoint: update 2 and its meta step are redone.
+        for update in (2, 3):
+            shutil.rmtree(run_dir / "checkpoints" / str(update))
+        run_in_process(run_dir, *args)
+        again = json.loads((run_dir / "meta_evaluation_2.json").read_text())
+    finally:
+        server.stop()
+    canary = first["canary"]
+    assert canary["ran"] and (first["reason_code"], canary["decision"]) == ("canary", "keep")
+    assert canary["proposal_share"] < canary["current_share"] - canary["tolerance"]
+    assert set(canary["current_by_kind"]) == set(canary["proposal_by_kind"]) and canary["current_by_kind"]
+    for side in ("current", "proposal"):  # the shares are the trace's pairs, counted here
+        wins = [(np.sign(a - d) + 1) / 2 for a, d in (pair[side] for pair in canary["details"])]
+        assert canary[f"{side}_share"] == pytest.approx(np.mean(wins))
+    assert metrics[2]["meta/canary/ran"] == 1.0 and metrics[2]["meta/canary/passed"] == 0.0
+    assert metrics[2]["meta/canary/current_share"] == pytest.approx(canary["current_share"])
+    assert metrics[2]["meta/canary/proposal_share"] == pytest.approx(canary["proposal_share"])
+    assert metrics[2]["meta/kept/canary"] == 1.0 and metrics[2]["time/meta_canary_s"] >= 0
+    assert metrics[3]["rubric/iteration"] == 0
+    volatile = ("seconds",)
+    assert {k: v for k, v in again["canary"].items() if k not in volatile} == {
+        k: v for k, v in canary.items() if k not in volatile}
+    assert again["reason"] == first["reason"] and again["samples"] == first["samples"]
 
 
 def test_kept_rubrics_are_counted_by_reason(reference_run):

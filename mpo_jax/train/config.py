@@ -92,6 +92,21 @@ class JudgeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CanarySpec:
+    """The canary gate of every meta step (`mpo_jax.reward.canary`): a proposal is installed only
+    if the judge, scoring the sampled rollouts and their degraded copies with it, ranks answers
+    above their copies in at least the current rubric's share minus `tolerance`, and in more than
+    `floor`. `enabled = False` installs what passes the text checks, as the published MPO does."""
+
+    enabled: bool = True
+    tolerance: float = 0.02
+    floor: float = 0.5
+    num_samples: int = 8  # answers from the meta step's sampled rollouts; fewer for a generate-mode judge
+    kinds: tuple[str, ...] = ()  # degradation kinds (reward/hacks.py HACK_KINDS); () = all eight
+    batch_size: int = 16  # texts per judge call
+
+
+@dataclasses.dataclass(frozen=True)
 class MetaSpec:
     enabled: bool = True
     interval: int = 10  # updates between meta steps (none after the last update: no update would use it)
@@ -111,6 +126,7 @@ class MetaSpec:
     max_copied_fraction: float = 0.5  # of an item's word 4-grams found in the prompts and responses shown
     temperature: float = 0.0
     buffer_size: int = 4096  # most recent rollouts kept for the next meta step
+    canary: CanarySpec = CanarySpec()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +250,10 @@ class TrainConfig:
         _check(self.meta.merged_rubric_words >= 0, "meta.merged_rubric_words", "must be >= 0 (0 = no cap)")
         _check(0.0 < self.meta.max_copied_fraction <= 1.0, "meta.max_copied_fraction", "must be in (0, 1]")
         _check(self.meta.interval >= 1, "meta.interval", "must be >= 1")
+        try:
+            self.canary_settings()
+        except MpoError as err:
+            raise ConfigError(f"config.meta.canary: {err}") from None
         _check(self.eval.every >= 0, "eval.every", "must be >= 0 (0 = no in-training evaluation)")
         _check(self.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
         _check(self.eval.max_new_tokens >= 0, "eval.max_new_tokens", "must be >= 0 (0 = rollout.max_new_tokens)")
@@ -254,6 +274,12 @@ class TrainConfig:
         parallel = self.mesh[0] * self.mesh[1]
         _check(rollouts % parallel == 0, "mesh",
                f"{self.mesh}: data x fsdp = {parallel} must divide the {rollouts} rollouts per update")
+
+    def canary_settings(self):
+        """`meta.canary` as the gate's `CanarySettings` (validated there)."""
+        from mpo_jax.reward.canary import CanarySettings
+
+        return CanarySettings(**dataclasses.asdict(self.meta.canary))
 
     @property
     def rollouts_per_update(self) -> int:

@@ -34,6 +34,7 @@ from mpo_jax.data import PromptIterator, prepare_task_source
 from mpo_jax.engine import sharding as sharding_lib
 from mpo_jax.engine.language_model import LanguageModel
 from mpo_jax.fileio import atomic_write_text
+from mpo_jax.reward.canary import CanaryGate
 from mpo_jax.reward.judge import Judge
 from mpo_jax.reward.meta import KEPT_REASONS, MetaSample, group_meta_step, save_meta_evaluation
 from mpo_jax.reward.rubric_history import RubricHistory
@@ -122,11 +123,15 @@ def check_resources(config: TrainConfig) -> None:
             raise ConfigError(f"config.{key} = {name!r}: {err}") from None
 
 
-def make_run_mesh(config: TrainConfig):
+def make_run_mesh(config: TrainConfig, devices: list | None = None, *, always: bool = False):
+    """The run's (data, fsdp, tensor) mesh over the first devices; None for one device unless `always`.
+
+    `mpo_jax.plan` passes a TPU topology's abstract devices (and `always`, since it compiles for them)."""
     size = math.prod(config.mesh)
-    if size == 1:
+    if size == 1 and not always:
         return None
-    return sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:size])
+    devices = jax.devices() if devices is None else devices
+    return sharding_lib.make_mesh(config.mesh, devices=list(devices)[:size])
 
 
 def load_rubric(task_name: str, name: str) -> Rubric:
@@ -186,6 +191,9 @@ class Trainer:
                            item_turn_tokens=config.judge.item_turn_tokens, seed=config.seed)
         self.mrm = build_meta_reward_model(meta_model, self.task, config.meta)
         self.judge.set_rubric(self.history.current)
+        # The canary gate of every meta step (per-group guidelines, MATH's, have no rubric to gate).
+        self.canary = (CanaryGate(self.judge, self.task, config.canary_settings(), seed=config.seed)
+                       if config.meta.enabled and config.meta.canary.enabled and not self.task.rubric_groups else None)
         # Meta steps that kept the rubric, by reason (cumulative, checkpointed): a run whose rubric
         # never changes shows why in its metrics.
         self.kept_reasons: dict[str, int] = dict.fromkeys(KEPT_REASONS, 0)
@@ -334,7 +342,7 @@ class Trainer:
         start = time.perf_counter()
         result = self.mrm.meta_step(self.history.current, self.buffer,
                                     np.random.default_rng([self.config.seed, update, 2]), step=update,
-                                    fits=self.judge.fits)
+                                    fits=self.judge.fits, gate=self.canary)
         # Every process records process 0's proposal, so all install the same rubric.
         proposal = distributed.broadcast_text(result.rubric.render() if result.accepted else "")
         kept = self.history.apply(result, created_step=update, proposal=proposal, install=self.judge.set_rubric)
@@ -348,7 +356,7 @@ class Trainer:
             self.history.save(self.run_dir)
         self.buffer = []
         return {"meta/step": 1.0, "meta/accepted": float(accepted), **self._kept_metrics(),
-                "time/meta_s": time.perf_counter() - start}
+                **canary_metrics(result.canary), "time/meta_s": time.perf_counter() - start}
 
     def _host_state(self) -> dict[str, Any]:
         return {"update": self.update, "data": self.iterator.get_state(), "rubric_history": self.history.to_json(),
@@ -468,6 +476,23 @@ class Trainer:
 
             write_report(self.run_dir)
         return last
+
+
+def canary_metrics(report: Mapping[str, Any] | None) -> dict[str, float]:
+    """`meta/canary/*` from a meta step's canary report: whether it ran and passed, both shares
+    overall and per degradation kind, and its seconds (`time/meta_canary_s`)."""
+    if not report or not report.get("enabled"):
+        return {}
+    out = {"meta/canary/ran": float(bool(report.get("ran")))}
+    if not report.get("ran"):
+        return out
+    out.update({"meta/canary/passed": float(bool(report["passed"])),
+                "meta/canary/current_share": float(report["current_share"]),
+                "meta/canary/proposal_share": float(report["proposal_share"]),
+                "meta/canary/pairs": float(report["pairs"]), "time/meta_canary_s": float(report["seconds"])})
+    for side in ("current", "proposal"):
+        out.update({f"meta/canary/{side}/{kind}": float(share) for kind, share in report[f"{side}_by_kind"].items()})
+    return out
 
 
 def train(config: TrainConfig) -> dict[str, float]:
