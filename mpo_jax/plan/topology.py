@@ -5,8 +5,8 @@ gcloud do: v4 and v5p count TensorCores (two per chip, one "megacore" JAX device
 count chips. libtpu (the `tpu` extra) builds the slice's devices without the hardware
 (`jax.experimental.topologies.get_topology_desc`), with one JAX process per host as on the VMs,
 so programs lower and compile for them from a CPU-only machine. The chip figures are the
-published data-sheet peaks and the HBM limit the compiler enforces per device (measured with
-libtpu 0.0.42.1, `../shared/method/tpu_aot_notes.md` section 2.5).
+published data-sheet peaks and the HBM limit the compiler enforces per device (read off its
+RESOURCE_EXHAUSTED messages with libtpu 0.0.42.1, compiling oversized arrays for each generation).
 """
 
 from __future__ import annotations
