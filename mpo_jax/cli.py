@@ -158,7 +158,7 @@ def _meta_judge(args: argparse.Namespace, task, rubric):
         if args.judge_base_url:
             raise InvalidValueError("--judge-base-url needs --judge-model (the served model name)")
         return None, None
-    from mpo_jax.reward.canary import CanaryGate, CanarySettings
+    from mpo_jax.reward.canary import CanaryGate, canary_settings_from_args
     from mpo_jax.reward.judge import Judge
 
     if args.judge_base_url:
@@ -172,11 +172,8 @@ def _meta_judge(args: argparse.Namespace, task, rubric):
         model, mode = load_model(args.judge_model, dtype=args.dtype), args.judge_mode
     judge = Judge(model, task=task, mode=mode, max_rubric_tokens=args.judge_max_rubric_tokens)
     judge.set_rubric(rubric)
-    if args.no_canary:
-        return judge, None
-    settings = CanarySettings(tolerance=args.canary_tolerance, floor=args.canary_floor,
-                              num_samples=args.canary_samples)
-    return judge, CanaryGate(judge, task, settings, seed=args.seed)
+    settings = canary_settings_from_args(args)
+    return judge, None if settings is None else CanaryGate(judge, task, settings, seed=args.seed)
 
 
 def _judge_side_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,12 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local judge protocol (a remote judge always generates)")
     meta.add_argument("--judge-base-url", help="an OpenAI-compatible endpoint serving --judge-model")
     meta.add_argument("--judge-max-rubric-tokens", type=int, default=2048, help="the judge's rubric prefix budget")
-    meta.add_argument("--no-canary", action="store_true",
-                      help="with --judge-model: no canary gate (the text checks and the judge's fit decide)")
-    meta.add_argument("--canary-tolerance", type=float, default=0.02,
-                      help="how far below the current rubric's canary share the proposal's may fall")
-    meta.add_argument("--canary-floor", type=float, default=0.5, help="the share the proposal must exceed")
-    meta.add_argument("--canary-samples", type=int, default=8, help="sampled answers in the canary set")
+    from mpo_jax.reward.canary import add_canary_arguments
+
+    add_canary_arguments(meta, no_canary_help="with --judge-model: no canary gate (the text checks and the "
+                                               "judge's fit decide)")
     meta.set_defaults(func=_meta)
 
     report = sub.add_parser("report", help="plots and a rubric-history page for a run directory")

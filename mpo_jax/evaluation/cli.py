@@ -274,7 +274,7 @@ def _configuration_fields(name: str) -> tuple[str, bool]:
 def _run_repair(args: argparse.Namespace) -> int:
     from mpo_jax.evaluation import repair as bench
     from mpo_jax.evaluation.generate import check_model_name
-    from mpo_jax.reward.canary import CanaryGate, CanarySettings
+    from mpo_jax.reward.canary import CanaryGate, canary_settings_from_args
     from mpo_jax.reward.judge import Judge
     from mpo_jax.reward.meta import MetaRewardModel
     from mpo_jax.tasks import load_records
@@ -376,9 +376,8 @@ def _run_repair(args: argparse.Namespace) -> int:
             runs[name] = list(reports)
             write_results()
 
-        gate = None if args.no_canary else CanaryGate(judge, task, CanarySettings(
-            tolerance=args.canary_tolerance, floor=args.canary_floor, num_samples=args.canary_samples,
-            batch_size=args.batch_size), seed=args.seed)
+        canary = canary_settings_from_args(args, batch_size=args.batch_size)
+        gate = None if canary is None else CanaryGate(judge, task, canary, seed=args.seed)
         bench.repair(judge, mrm, rubric, rows, meta_steps=args.meta_steps, seed=args.seed,
                      batch_size=args.batch_size, done=done, on_step=save, code=code, gate=gate,
                      progress=lambda m, n=config.name: print(f"{n}: {m}", file=sys.stderr))
@@ -499,12 +498,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     rep.add_argument("--data-dir",
                      help="folder holding <task folder>/train.jsonl (default: data/ in the checkout)")
     rep.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    rep.add_argument("--no-canary", action="store_true",
-                     help="no canary gate in the meta steps (install what passes the text checks, as published)")
-    rep.add_argument("--canary-tolerance", type=float, default=0.02,
-                     help="how far below the current rubric's canary share a proposal's may fall")
-    rep.add_argument("--canary-floor", type=float, default=0.5, help="the canary share a proposal must exceed")
-    rep.add_argument("--canary-samples", type=int, default=8, help="sampled answers in each canary set")
+    from mpo_jax.reward.canary import add_canary_arguments
+
+    add_canary_arguments(rep, no_canary_help="no canary gate in the meta steps (install what passes the text "
+                                              "checks, as published)")
     rep.set_defaults(eval_func=_run_repair)
 
     cmp = sub.add_parser("compare", help="compare the arms of an experiment from their run dirs: plots, "

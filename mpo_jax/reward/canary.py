@@ -36,7 +36,8 @@ from mpo_jax.reward.hacks import HACK_KINDS, make_hack
 from mpo_jax.rubric import Rubric, RubricError
 
 __all__ = ["CanaryGate", "CanaryPair", "CanaryReport", "CanarySet", "CanarySettings", "GateJudge",
-           "build_canary_set", "decide", "hack_prompt", "pairwise_share", "score_canary_set", "shares_by_kind"]
+           "add_canary_arguments", "build_canary_set", "canary_settings_from_args", "decide", "hack_prompt",
+           "pairwise_share", "score_canary_set", "shares_by_kind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,26 @@ class CanarySettings:
     @property
     def resolved_kinds(self) -> tuple[str, ...]:
         return tuple(self.kinds) or tuple(HACK_KINDS)
+
+
+def add_canary_arguments(parser: Any, *, no_canary_help: str) -> None:
+    """The gate's command-line flags (`mpo-jax meta`, `mpo-jax eval repair`), defaults from `CanarySettings`."""
+    defaults = CanarySettings()
+    parser.add_argument("--no-canary", action="store_true", help=no_canary_help)
+    parser.add_argument("--canary-tolerance", type=float, default=defaults.tolerance,
+                        help="how far below the current rubric's canary share the proposal's may fall")
+    parser.add_argument("--canary-floor", type=float, default=defaults.floor,
+                        help="the canary share the proposal must exceed")
+    parser.add_argument("--canary-samples", type=int, default=defaults.num_samples,
+                        help="sampled answers in each canary set")
+
+
+def canary_settings_from_args(args: Any, **overrides: Any) -> CanarySettings | None:
+    """The settings `add_canary_arguments` parsed; None with `--no-canary`."""
+    if args.no_canary:
+        return None
+    return CanarySettings(tolerance=args.canary_tolerance, floor=args.canary_floor,
+                          num_samples=args.canary_samples, **overrides)
 
 
 # -- the canary set -------------------------------------------------------------------------------
